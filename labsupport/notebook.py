@@ -1,0 +1,32 @@
+"""Conventions every notebook follows: smoke mode, and figures saved under ``results/``.
+
+Each notebook's first code cell (tagged ``parameters`` so papermill can override it) reads
+``smoke_mode()``: with ``LAB_SMOKE=1`` -- set by the test suite -- rounds and data shrink but every code
+path still runs. :func:`save_figure` writes a figure to ``$LAB_RESULTS_DIR/figures`` when the labs run
+headless (``make results``) and does nothing in an interactive session without that variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["save_figure", "smoke_mode"]
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def smoke_mode() -> bool:
+    """True when ``$LAB_SMOKE`` is set to 1/true/yes/on."""
+    return os.environ.get("LAB_SMOKE", "").strip().lower() in _TRUE
+
+
+def save_figure(fig, name: str) -> Path | None:
+    """Save ``fig`` as ``$LAB_RESULTS_DIR/figures/<name>.png``; ``None`` if the variable is unset."""
+    root = os.environ.get("LAB_RESULTS_DIR")
+    if not root:
+        return None
+    path = Path(root) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
