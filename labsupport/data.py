@@ -120,7 +120,11 @@ def data_dir(root: str | os.PathLike | None = None) -> Path:
         root = os.environ.get("LAB_DATA_DIR")
     if root is None:
         repo = Path(__file__).resolve().parents[1]
-        root = repo / "data" if (repo / "pyproject.toml").exists() else Path.home() / ".cache/labsupport"
+        root = (
+            repo / "data"
+            if (repo / "pyproject.toml").exists()
+            else Path.home() / ".cache/labsupport"
+        )
     path = Path(root).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -184,11 +188,11 @@ def _generate_mnist1d(seed: int, num_samples: int, train_split: float) -> dict[s
 
     args = get_dataset_args()
     args.seed, args.num_samples, args.train_split = seed, num_samples, train_split
-    state = np.random.get_state()  # make_dataset reseeds numpy's global RNG: leave it as it was
+    state = np.random.get_state()  # make_dataset reseeds numpy's global RNG: leave it as it was  # noqa: NPY002
     try:
         raw = make_dataset(args)
     finally:
-        np.random.set_state(state)
+        np.random.set_state(state)  # noqa: NPY002
     return {
         "x": raw["x"].astype(np.float32),
         "y": raw["y"].astype(np.int64),
@@ -271,7 +275,10 @@ def _expected_files(name: str, folder: Path) -> list[Path]:
         raw = folder / _MNIST_FOLDERS[name] / "raw"
         return [raw / f for pair in _MNIST_FILES.values() for f in pair]
     base = folder / _CIFAR_FOLDER
-    return [base / f"data_batch_{i}" for i in range(1, 6)] + [base / "test_batch", base / "batches.meta"]
+    return [base / f"data_batch_{i}" for i in range(1, 6)] + [
+        base / "test_batch",
+        base / "batches.meta",
+    ]
 
 
 def _is_present(name: str, folder: Path) -> bool:
@@ -421,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     p_fetch = sub.add_parser("fetch", help="download or generate datasets into the data directory")
     p_fetch.add_argument("names", nargs="+", choices=sorted(DATASETS), metavar="NAME")
     for p in (p_fetch, sub.choices["list"]):
-        p.add_argument("--root", default=None, help="data directory (default: $LAB_DATA_DIR or data/)")
+        p.add_argument(
+            "--root", default=None, help="data directory (default: $LAB_DATA_DIR or data/)"
+        )
     args = parser.parse_args(argv)
     folder = data_dir(args.root)
     if args.command == "list":

@@ -83,7 +83,10 @@ def tensorrt_status() -> tuple[bool, str]:
         logger = trt.Logger(trt.Logger.ERROR)
         builder = trt.Builder(logger)
         if builder is None:
-            return False, f"TensorRT {trt.__version__} imports but cannot create a Builder (no GPU?)"
+            return (
+                False,
+                f"TensorRT {trt.__version__} imports but cannot create a Builder (no GPU?)",
+            )
         del builder
     except Exception as exc:
         return False, f"TensorRT {trt.__version__} imports but a Builder failed: {exc}"
@@ -110,7 +113,9 @@ def report() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda_available": cuda,
         "cuda_version": torch.version.cuda,
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda
+        else [],
         "mps_available": _mps_available(),
         "jetson": is_jetson(),
         "device": str(get_device()),

@@ -102,7 +102,10 @@ class CNN2D(nn.Module):
             c = c_out
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(c * (h // 4) * (w // 4), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            nn.Flatten(),
+            nn.Linear(c * (h // 4) * (w // 4), hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +138,9 @@ def build_model(
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(builders)}")
     if name == "cnn" and len(shape) > 1 and shape[0] != 1:
-        raise ValueError(f"the 1-D CNN takes (L,) or (1, L) inputs, got {shape}; use 'cnn2d' for images")
+        raise ValueError(
+            f"the 1-D CNN takes (L,) or (1, L) inputs, got {shape}; use 'cnn2d' for images"
+        )
     if name == "cnn2d" and len(shape) != 3:
         raise ValueError(f"'cnn2d' takes (C, H, W) inputs, got {shape}; use 'cnn' for MNIST-1D")
     if seed is None:

@@ -4,6 +4,8 @@ Each notebook's first code cell (tagged ``parameters`` so papermill can override
 ``smoke_mode()``: with ``LAB_SMOKE=1`` -- set by the test suite -- rounds and data shrink but every code
 path still runs. :func:`save_figure` writes a figure to ``$LAB_RESULTS_DIR/figures`` when the labs run
 headless (``make results``) and does nothing in an interactive session without that variable.
+:func:`show_source` displays the code of a ``labsupport`` function where the reader should read it,
+instead of a pasted copy.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["save_figure", "smoke_mode"]
+__all__ = ["save_figure", "show_source", "smoke_mode"]
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -30,3 +32,12 @@ def save_figure(fig, name: str) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
+
+
+def show_source(obj: object):
+    """Display the source of ``obj`` as highlighted Python (an IPython ``Markdown`` object)."""
+    import inspect
+
+    from IPython.display import Markdown
+
+    return Markdown(f"```python\n{inspect.getsource(obj).rstrip()}\n```")

@@ -26,13 +26,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["TrainResult", "batch_indices", "evaluate", "fit", "make_optimizer", "seed_everything", "train"]
+__all__ = [
+    "TrainResult",
+    "batch_indices",
+    "evaluate",
+    "fit",
+    "make_optimizer",
+    "seed_everything",
+    "train",
+]
 
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global RNGs (the lab code itself uses explicit generators)."""
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002
     torch.manual_seed(seed)
 
 
@@ -95,7 +103,9 @@ def train(
     if len(x) == 0:
         raise ValueError("cannot train on an empty dataset")
     if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer or None (full batch), got {batch_size}")
+        raise ValueError(
+            f"batch_size must be a positive integer or None (full batch), got {batch_size}"
+        )
     opt = (
         optimizer
         if isinstance(optimizer, torch.optim.Optimizer)
@@ -128,7 +138,9 @@ def train(
         epoch += 1
         if budget is not None and done >= budget:
             break
-    return TrainResult(steps=done, samples=total_samples, loss=total_loss / max(total_samples, 1), losses=losses)
+    return TrainResult(
+        steps=done, samples=total_samples, loss=total_loss / max(total_samples, 1), losses=losses
+    )
 
 
 @torch.no_grad()
@@ -176,12 +188,25 @@ def fit(
         raise ValueError(f"eval_every must be >= 1, got {eval_every}")
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay=weight_decay)
-    history: dict[str, list[float]] = {"step": [], "train_loss": [], "test_loss": [], "test_accuracy": []}
+    history: dict[str, list[float]] = {
+        "step": [],
+        "train_loss": [],
+        "test_loss": [],
+        "test_accuracy": [],
+    }
     done = 0
     bar = tqdm(total=steps, desc=desc or type(model).__name__, disable=not progress)
     while done < steps:
         chunk = min(eval_every, steps - done)
-        result = train(model, x_train, y_train, steps=chunk, batch_size=batch_size, optimizer=opt, generator=gen)
+        result = train(
+            model,
+            x_train,
+            y_train,
+            steps=chunk,
+            batch_size=batch_size,
+            optimizer=opt,
+            generator=gen,
+        )
         done += result.steps
         metrics = evaluate(model, x_test, y_test)
         history["step"].append(done)

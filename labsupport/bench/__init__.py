@@ -24,7 +24,11 @@ from pathlib import Path
 
 __all__ = ["BENCHMARKS", "Result", "Target", "benchmark", "results_dir", "run"]
 
-_MODULES = ["labsupport.bench.baselines", "labsupport.bench.threads"]
+_MODULES = [
+    "labsupport.bench.baselines",
+    "labsupport.bench.threads",
+    "labsupport.bench.fl",
+]
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,9 @@ class Result:
     def met(self) -> dict[str, bool]:
         for name, t in self.targets.items():
             if t.figure not in self.figures:
-                raise KeyError(f"target {name!r} judges figure {t.figure!r}, which was not measured")
+                raise KeyError(
+                    f"target {name!r} judges figure {t.figure!r}, which was not measured"
+                )
         return {name: t.met(self.figures[t.figure]) for name, t in self.targets.items()}
 
     def to_json(self) -> dict:

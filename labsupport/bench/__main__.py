@@ -11,7 +11,9 @@ from . import load_all, run, summary_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labsupport.bench", description=__doc__)
     parser.add_argument("names", nargs="*", help="benchmarks to run, or 'all'")
-    parser.add_argument("--smoke", action="store_true", help="a short run that keeps every code path")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a short run that keeps every code path"
+    )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--out", default=None, help="output folder (default: results/bench)")
     args = parser.parse_args(argv)
@@ -23,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     names = list(entries) if args.names == ["all"] else args.names
     unknown = [n for n in names if n not in entries]
     if unknown:
-        print(f"unknown benchmark(s) {unknown}; run --list to see {sorted(entries)}", file=sys.stderr)
+        print(
+            f"unknown benchmark(s) {unknown}; run --list to see {sorted(entries)}", file=sys.stderr
+        )
         return 2
     lines = []
     for name in names:

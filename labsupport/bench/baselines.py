@@ -24,19 +24,31 @@ def train_baselines(steps: int = 6000, seed: int = 0, progress: bool = True) -> 
     for name in PAPER:
         model = build_model(name, ds.input_shape, ds.num_classes, seed=seed)
         hist = fit(
-            model, ds.x_train, ds.y_train, ds.x_test, ds.y_test,
-            steps=steps, eval_every=min(250, steps), seed=seed, progress=progress, desc=name,
+            model,
+            ds.x_train,
+            ds.y_train,
+            ds.x_test,
+            ds.y_test,
+            steps=steps,
+            eval_every=min(250, steps),
+            seed=seed,
+            progress=progress,
+            desc=name,
         )
         out[name] = {"accuracy": 100.0 * hist["test_accuracy"][-1], "history": hist}
     return out
 
 
-@benchmark("baselines", "MNIST-1D centralized logistic/MLP/CNN vs the paper's accuracy", chapter="00")
+@benchmark(
+    "baselines", "MNIST-1D centralized logistic/MLP/CNN vs the paper's accuracy", chapter="00"
+)
 def run(smoke: bool) -> Result:
     runs = train_baselines(steps=300 if smoke else 6000, progress=False)
     figures = {name: round(r["accuracy"], 2) for name, r in runs.items()}
     targets = {
-        name: Target(name, PAPER[name] - TOLERANCE, PAPER[name] + TOLERANCE, f"paper: {PAPER[name]:g}%")
+        name: Target(
+            name, PAPER[name] - TOLERANCE, PAPER[name] + TOLERANCE, f"paper: {PAPER[name]:g}%"
+        )
         for name in PAPER
     }
     return Result(figures, targets, details={"paper": PAPER, "steps": 300 if smoke else 6000})

@@ -32,7 +32,15 @@ def _time_training(threads: int, epochs: int, x, y) -> float:
     torch.set_num_threads(threads)
     model = build_model("mlp", (40,), 10, seed=0)
     start = time.perf_counter()
-    train(model, x, y, epochs=epochs, batch_size=32, lr=0.05, generator=torch.Generator().manual_seed(0))
+    train(
+        model,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=32,
+        lr=0.05,
+        generator=torch.Generator().manual_seed(0),
+    )
     return time.perf_counter() - start
 
 
@@ -44,7 +52,9 @@ def _compare(threads: int, epochs: int, repeats: int, x, y) -> tuple[float, floa
     return min(one), min(several)
 
 
-@benchmark("threads", "MLP training time with all cores vs one torch thread, idle and busy", chapter="00")
+@benchmark(
+    "threads", "MLP training time with all cores vs one torch thread, idle and busy", chapter="00"
+)
 def run(smoke: bool) -> Result:
     ds = load_dataset("mnist1d")
     many = max(2, os.cpu_count() or 2)

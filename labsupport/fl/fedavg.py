@@ -81,7 +81,9 @@ def select_clients(
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if not 1 <= min_clients <= num_clients:
-        raise ValueError(f"min_clients must be in [1, num_clients={num_clients}], got {min_clients}")
+        raise ValueError(
+            f"min_clients must be in [1, num_clients={num_clients}], got {min_clients}"
+        )
     m = min(num_clients, max(round(fraction * num_clients), min_clients))
     rng = np.random.default_rng([seed, server_round])
     return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
@@ -134,7 +136,9 @@ def validate_update(
     dtype; floating entries finite; ``weight`` (the sample count) a finite number > 0.
     """
     if not isinstance(weight, (int, float, np.integer, np.floating)) or isinstance(weight, bool):
-        raise UpdateRejected(f"weight {weight!r} is not a number; expected the sample count", client)
+        raise UpdateRejected(
+            f"weight {weight!r} is not a number; expected the sample count", client
+        )
     if not math.isfinite(float(weight)) or float(weight) <= 0:
         raise UpdateRejected(f"weight {weight!r} must be a finite number > 0", client)
     if not isinstance(update, Mapping):
@@ -143,7 +147,8 @@ def validate_update(
     extra = [k for k in update if k not in global_state]
     if missing or extra:
         raise UpdateRejected(
-            f"update keys differ from the global model's: missing {missing}, unexpected {extra}", client
+            f"update keys differ from the global model's: missing {missing}, unexpected {extra}",
+            client,
         )
     for key, ref in global_state.items():
         value = update[key]
@@ -156,7 +161,8 @@ def validate_update(
             )
         if value.dtype != ref.dtype:
             raise UpdateRejected(
-                f"update has dtype {value.dtype} for {key!r}; the global model has {ref.dtype}", client
+                f"update has dtype {value.dtype} for {key!r}; the global model has {ref.dtype}",
+                client,
             )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())

@@ -27,7 +27,9 @@ def _to_numpy(name: str, value: object) -> np.ndarray:
         return t.numpy()
     if isinstance(value, (np.ndarray, np.generic, int, float, bool)):
         return np.asarray(value)
-    raise TypeError(f"payload entry {name!r} is a {type(value).__name__}; expected a tensor or array")
+    raise TypeError(
+        f"payload entry {name!r} is a {type(value).__name__}; expected a tensor or array"
+    )
 
 
 def serialize(payload: Mapping[str, object]) -> bytes:

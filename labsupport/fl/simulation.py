@@ -209,7 +209,12 @@ class History:
 
     @classmethod
     def from_dicts(cls, rows: Sequence[Mapping]) -> History:
-        return cls([RoundRecord(**{**r, "rejected": {int(k): v for k, v in r["rejected"].items()}}) for r in rows])
+        return cls(
+            [
+                RoundRecord(**{**r, "rejected": {int(k): v for k, v in r["rejected"].items()}})
+                for r in rows
+            ]
+        )
 
 
 class FedAvgSimulation:
@@ -228,7 +233,9 @@ class FedAvgSimulation:
         test: tuple[torch.Tensor, torch.Tensor] | None,
         config: FedAvgConfig | None = None,
         *,
-        aggregator: Callable[[StateDict, Sequence[StateDict], Sequence[float]], StateDict] = fedavg_aggregator,
+        aggregator: Callable[
+            [StateDict, Sequence[StateDict], Sequence[float]], StateDict
+        ] = fedavg_aggregator,
         compressor: object | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = True,
@@ -237,7 +244,9 @@ class FedAvgSimulation:
             raise ValueError("a federation needs at least one client; got an empty list")
         for i, c in enumerate(clients):
             if not isinstance(c, Client):
-                raise TypeError(f"client {i} is a {type(c).__name__}; expected an object with num_samples and fit()")
+                raise TypeError(
+                    f"client {i} is a {type(c).__name__}; expected an object with num_samples and fit()"
+                )
         self.config = config or FedAvgConfig()
         if self.config.min_train_clients > len(clients):
             raise ValueError(
@@ -258,7 +267,9 @@ class FedAvgSimulation:
             self.load_checkpoint(self.checkpoint_path)
 
     # ------------------------------------------------------------------------------- the round
-    def _collect(self, selected: list[int]) -> tuple[list[StateDict], list[float], dict, list[float], int]:
+    def _collect(
+        self, selected: list[int]
+    ) -> tuple[list[StateDict], list[float], dict, list[float], int]:
         """Run the selected clients; returns accepted states, weights, rejections, losses, bytes up."""
         states, weights, losses = [], [], []
         rejected: dict[int, str] = {}
@@ -279,7 +290,9 @@ class FedAvgSimulation:
                 else:
                     nbytes = self._state_nbytes  # same shapes every time: serialized size is fixed
             except Exception as exc:  # a bad client is rejected, never fatal to the run
-                reason = str(exc) if isinstance(exc, UpdateRejected) else f"client {cid} raised {exc!r}"
+                reason = (
+                    str(exc) if isinstance(exc, UpdateRejected) else f"client {cid} raised {exc!r}"
+                )
                 rejected[cid] = reason
                 logger.warning("round %d: rejected an update: %s", self.round + 1, reason)
                 continue
@@ -295,7 +308,9 @@ class FedAvgSimulation:
         delta = {k: v - self.global_state[k] for k, v in state.items()}
         wire = serialize(self.compressor.compress(delta, cid))
         decoded = self.compressor.decompress(deserialize(wire), self.global_state)
-        rebuilt = {k: (self.global_state[k] + decoded[k]).to(self.global_state[k].dtype) for k in state}
+        rebuilt = {
+            k: (self.global_state[k] + decoded[k]).to(self.global_state[k].dtype) for k in state
+        }
         return rebuilt, len(wire)
 
     def _train_vectorized(self, selected: list[int]) -> dict[int, tuple[StateDict, float, dict]]:
@@ -308,8 +323,13 @@ class FedAvgSimulation:
         seeds = [client_seed(cfg.seed, self.round + 1, cid) for cid in plain]
         data = [(self.clients[cid].x, self.clients[cid].y) for cid in plain]
         states, losses = vectorized_local_updates(
-            self.scratch, self.global_state, data, epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size, lr=cfg.lr, seeds=seeds,
+            self.scratch,
+            self.global_state,
+            data,
+            epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            seeds=seeds,
         )
         return {
             cid: (state, self.clients[cid].num_samples, {"loss": loss})
@@ -322,8 +342,11 @@ class FedAvgSimulation:
         server_round = self.round + 1
         cfg = self.config
         selected = select_clients(
-            len(self.clients), cfg.fraction_train, min_clients=cfg.min_train_clients,
-            seed=cfg.seed, server_round=server_round,
+            len(self.clients),
+            cfg.fraction_train,
+            min_clients=cfg.min_train_clients,
+            seed=cfg.seed,
+            server_round=server_round,
         )
         states, weights, rejected, losses, bytes_up = self._collect(selected)
         if states:
@@ -333,7 +356,9 @@ class FedAvgSimulation:
         self.round = server_round
         eval_start = time.perf_counter()
         acc = loss = None
-        if self.test is not None and (server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds):
+        if self.test is not None and (
+            server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds
+        ):
             metrics = self.evaluate()
             acc, loss = metrics["accuracy"], metrics["loss"]
         end = time.perf_counter()
@@ -354,7 +379,9 @@ class FedAvgSimulation:
             self.save_checkpoint(self.checkpoint_path)
         return record
 
-    def run(self, num_rounds: int | None = None, *, progress: bool = True, desc: str = "FedAvg") -> History:
+    def run(
+        self, num_rounds: int | None = None, *, progress: bool = True, desc: str = "FedAvg"
+    ) -> History:
         """Run until round ``num_rounds`` (default: the config's), resuming where the state is."""
         target = self.config.num_rounds if num_rounds is None else num_rounds
         bar = tqdm(total=target, initial=min(self.round, target), desc=desc, disable=not progress)
@@ -404,7 +431,11 @@ class FedAvgSimulation:
         payload = torch.load(Path(path), weights_only=False)
         saved, mine = payload["fingerprint"], self._fingerprint()
         if saved != mine:
-            diff = {k: (saved["config"].get(k), v) for k, v in mine["config"].items() if saved["config"].get(k) != v}
+            diff = {
+                k: (saved["config"].get(k), v)
+                for k, v in mine["config"].items()
+                if saved["config"].get(k) != v
+            }
             if saved["num_clients"] != mine["num_clients"]:
                 diff["num_clients"] = (saved["num_clients"], mine["num_clients"])
             raise ValueError(

@@ -1,0 +1,77 @@
+# Two commands on a fresh machine (see README):
+#   make all    set up .venv, run every lab headless and the benchmarks, write results/
+#   make test   set up .venv, run lint, unit tests and every notebook in smoke mode
+# `make lab` opens JupyterLab on notebooks/.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision are installed first, pinned, so pip takes the builds these labs are tested
+# with (on these machines, from local disk). Jetson: install into NVIDIA's L4T PyTorch container
+# with `make install TORCH_SPEC=` to keep its own torch (see README).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+RESULTS ?= results
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+
+.PHONY: all install test lint format lab results bench report clean test-gpu
+
+all: results
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(if $(strip $(TORCH_SPEC)),$(PY) -m pip install $(TORCH_SPEC))
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+# Unit tests, then every notebook in smoke mode (LAB_SMOKE=1 shrinks rounds and data, keeps every
+# code path). pytest's exit code 5 means it collected nothing: that is a broken test run here.
+test: lint
+	@set +e; LAB_SMOKE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+		--nbval-cell-timeout=1200 --durations=15; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: check the paths above"; exit 1; fi; exit $$rc
+
+# Tests that need a CUDA GPU or a Jetson; elsewhere they are all skipped or deselected (exit 5 is fine).
+test-gpu: $(STAMP)
+	@set +e; $(PY) -m pytest tests -m "gpu or jetson"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no GPU/Jetson tests selected here"; exit 0; fi; exit $$rc
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+# The main job: every notebook in full mode (executed copies and figures under results/), the
+# benchmarks, and the results table (results/README.md and the README's table).
+results: $(STAMP)
+	mkdir -p $(RESULTS)/notebooks
+	@for nb in $(NOTEBOOKS); do \
+		echo "== $$nb"; start=$$(date +%s); \
+		LAB_RESULTS_DIR=$(abspath $(RESULTS)) $(VENV)/bin/papermill --cwd notebooks --kernel python3 \
+			$$nb $(RESULTS)/notebooks/$$(basename $$nb) || exit 1; \
+		echo "   $$(( $$(date +%s) - start )) s"; \
+	done
+	$(MAKE) bench report
+
+bench: $(STAMP)
+	LAB_RESULTS_DIR=$(abspath $(RESULTS)) $(PY) -m labsupport.bench all
+
+report: $(STAMP)
+	LAB_RESULTS_DIR=$(abspath $(RESULTS)) $(PY) -m labsupport.report --readme README.md
+
+clean:
+	rm -rf $(RESULTS) .pytest_cache .ruff_cache
