@@ -208,3 +208,57 @@ def test_bad_federations_are_explained():
         FedAvgSimulation(build_model("mlp"), clients, test, FedAvgConfig(min_train_clients=3))
     with pytest.raises(ValueError, match="2 inputs but 3 labels"):
         DataClient(torch.zeros(2, 40), torch.zeros(3, dtype=torch.long))
+
+
+class WithFlag(torch.nn.Module):
+    """An MLP with a boolean buffer: such entries travel as values, not deltas."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = build_model("mlp", seed=0)
+        self.register_buffer("mask", torch.tensor([True, False]))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_compressed_updates_carry_integer_and_bool_buffers():
+    from labsupport.fl.compression import make_compressor
+
+    clients, test = _clients()
+    sim = FedAvgSimulation(
+        WithFlag(), clients, test, CFG, compressor=make_compressor("topk", fraction=0.1)
+    )
+    record = sim.run_round()
+    assert record.rejected == {} and sim.global_state["mask"].tolist() == [True, False]
+
+
+def test_resuming_with_another_compressor_is_refused(tmp_path):
+    from labsupport.fl.compression import make_compressor
+
+    clients, test = _clients()
+    first = FedAvgSimulation(
+        build_model("mlp", seed=0),
+        clients,
+        test,
+        CFG,
+        checkpoint_dir=tmp_path,
+        compressor=make_compressor("topk", fraction=0.1),
+    )
+    first.run_round()
+    with pytest.raises(ValueError, match="compressor"):
+        FedAvgSimulation(build_model("mlp", seed=0), clients, test, CFG, checkpoint_dir=tmp_path)
+
+
+def test_a_broken_compressor_raises_instead_of_rejecting_every_client():
+    class Broken:
+        def compress(self, delta, client):
+            raise RuntimeError("bug in the compressor")
+
+        def decompress(self, payload, like):
+            raise AssertionError("unreachable")
+
+    clients, test = _clients()
+    sim = FedAvgSimulation(build_model("mlp", seed=0), clients, test, CFG, compressor=Broken())
+    with pytest.raises(RuntimeError, match="bug in the compressor"):
+        sim.run_round()

@@ -34,6 +34,7 @@ __all__ = [
     "client_seed",
     "clone_state",
     "local_update",
+    "mix_states",
     "select_clients",
     "validate_update",
 ]
@@ -169,12 +170,36 @@ def validate_update(
             raise UpdateRejected(f"{key!r} holds {bad} non-finite value(s) (NaN or inf)", client)
 
 
+def mix_states(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor
+) -> list[StateDict]:
+    """Weighted combinations of state dicts: output ``i`` is ``sum_j weights[i, j] * states[j]``.
+
+    The one mixing rule shared by FedAvg (one row of normalized sample counts) and gossip (a mixing
+    matrix, :mod:`labsupport.fl.decentralized`). Floating entries are combined in float64 and cast back
+    to their own dtype (float16/bfloat16 included); integer entries (e.g. ``num_batches_tracked``) are
+    rounded to the nearest integer; boolean entries take the weighted majority.
+    """
+    w = weights.to(torch.float64)
+    out: list[StateDict] = [{} for _ in range(w.shape[0])]
+    for key, ref in states[0].items():
+        stacked = torch.stack([s[key].detach().to(torch.float64) for s in states])
+        mixed = torch.tensordot(w, stacked, dims=1)
+        if ref.dtype == torch.bool:
+            mixed = mixed >= 0.5
+        elif ref.is_floating_point() or ref.is_complex():
+            mixed = mixed.to(ref.dtype)
+        else:
+            mixed = torch.round(mixed).to(ref.dtype)
+        for i in range(w.shape[0]):
+            out[i][key] = mixed[i].clone() if w.shape[0] > 1 else mixed[i]
+    return out
+
+
 def aggregate(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> StateDict:
     """Weighted average ``sum_k w_k * state_k / sum_k w_k`` of every entry of the state dicts.
 
-    Floating entries are summed in float64 and cast back to their own dtype (float16/bfloat16 included);
-    integer entries (e.g. ``num_batches_tracked``) are averaged and rounded to the nearest integer;
-    boolean entries take the weighted majority. Inputs are not validated here -- call
+    Dtypes are kept as :func:`mix_states` describes. Inputs are not validated here -- call
     :func:`validate_update` on each client's update first -- except for the weights.
     """
     if len(states) == 0:
@@ -184,15 +209,4 @@ def aggregate(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[fl
     w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
     if not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
         raise ValueError(f"weights must be finite and > 0, got {list(weights)}")
-    w = w / w.sum()
-    out: StateDict = {}
-    for key, ref in states[0].items():
-        stacked = torch.stack([s[key].detach().to(torch.float64) for s in states])
-        mean = torch.tensordot(w, stacked, dims=1)
-        if ref.dtype == torch.bool:
-            out[key] = mean >= 0.5
-        elif ref.is_floating_point() or ref.is_complex():
-            out[key] = mean.to(ref.dtype)
-        else:
-            out[key] = torch.round(mean).to(ref.dtype)
-    return out
+    return mix_states(states, (w / w.sum())[None, :])[0]

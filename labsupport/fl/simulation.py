@@ -285,10 +285,6 @@ class FedAvgSimulation:
                         self.scratch, self.global_state, self.config, seed
                     )
                 validate_update(self.global_state, state, weight, client=cid)
-                if self.compressor is not None:
-                    state, nbytes = self._through_compressor(cid, state)
-                else:
-                    nbytes = self._state_nbytes  # same shapes every time: serialized size is fixed
             except Exception as exc:  # a bad client is rejected, never fatal to the run
                 reason = (
                     str(exc) if isinstance(exc, UpdateRejected) else f"client {cid} raised {exc!r}"
@@ -296,6 +292,10 @@ class FedAvgSimulation:
                 rejected[cid] = reason
                 logger.warning("round %d: rejected an update: %s", self.round + 1, reason)
                 continue
+            if self.compressor is not None:  # our own code: an error here is a bug, and raises
+                state, nbytes = self._through_compressor(cid, state)
+            else:
+                nbytes = self._state_nbytes  # same shapes every time: serialized size is fixed
             states.append(state)
             weights.append(float(weight))
             bytes_up += nbytes
@@ -304,13 +304,20 @@ class FedAvgSimulation:
         return states, weights, rejected, losses, bytes_up
 
     def _through_compressor(self, cid: int, state: StateDict) -> tuple[StateDict, int]:
-        """Send ``state - global`` through the compressor as serialized bytes; rebuild on the server."""
-        delta = {k: v - self.global_state[k] for k, v in state.items()}
+        """Send ``state - global`` through the compressor as serialized bytes; rebuild on the server.
+
+        Floating entries travel as deltas; integer and boolean buffers (no meaningful difference)
+        travel as their values.
+        """
+        g = self.global_state
+        delta = {k: v - g[k] if v.is_floating_point() else v for k, v in state.items()}
         wire = serialize(self.compressor.compress(delta, cid))
-        decoded = self.compressor.decompress(deserialize(wire), self.global_state)
+        decoded = self.compressor.decompress(deserialize(wire), g)
         rebuilt = {
-            k: (self.global_state[k] + decoded[k]).to(self.global_state[k].dtype) for k in state
+            k: (g[k] + d).to(g[k].dtype) if g[k].is_floating_point() else d
+            for k, d in decoded.items()
         }
+        validate_update(g, rebuilt, 1, client=cid)
         return rebuilt, len(wire)
 
     def _train_vectorized(self, selected: list[int]) -> dict[int, tuple[StateDict, float, dict]]:
@@ -407,7 +414,11 @@ class FedAvgSimulation:
 
     # ----------------------------------------------------------------------- checkpoint/resume
     def _fingerprint(self) -> dict:
-        return {"config": dataclasses.asdict(self.config), "num_clients": len(self.clients)}
+        return {
+            "config": dataclasses.asdict(self.config),
+            "num_clients": len(self.clients),
+            "compressor": None if self.compressor is None else repr(self.compressor),
+        }
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write round, global model, history and compressor state atomically to ``path``."""
@@ -436,8 +447,9 @@ class FedAvgSimulation:
                 for k, v in mine["config"].items()
                 if saved["config"].get(k) != v
             }
-            if saved["num_clients"] != mine["num_clients"]:
-                diff["num_clients"] = (saved["num_clients"], mine["num_clients"])
+            for key in ("num_clients", "compressor"):
+                if saved.get(key) != mine[key]:
+                    diff[key] = (saved.get(key), mine[key])
             raise ValueError(
                 f"checkpoint {path} was written by a different run (saved, now): {diff}; "
                 "use another checkpoint_dir or pass resume=False"

@@ -1,0 +1,148 @@
+"""Chapter 01 benchmarks: the simulator's overhead and FedAvg's round reduction over FedSGD.
+
+* ``sim_overhead`` -- 10 clients x 1 local epoch on MNIST-1D, 20 rounds. Figure ``ratio`` = wall time
+  of :class:`~labsupport.fl.FedAvgSimulation` ÷ wall time of the same local SGD steps in one bare loop
+  (same model, same batches, no server), evaluation excluded from both. Target <= 1.2.
+* ``fedavg_vs_fedsgd`` -- McMahan et al. (2017), Table 2's question on MNIST-1D: rounds for FedSGD
+  (E=1, B=inf) and FedAvg (E=5, B=10) to reach a target test accuracy with C=0.1 of 100 IID clients.
+  Figure ``round_reduction`` = FedSGD rounds ÷ FedAvg rounds. Target >= 5.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from labsupport.data import load_dataset
+from labsupport.fl import DataClient, FedAvgConfig, FedAvgSimulation, client_seed
+from labsupport.models import build_model
+from labsupport.noniid import partition
+from labsupport.train import batch_indices
+
+from . import Result, Target, benchmark
+
+
+def mnist1d_clients(
+    num_clients: int, scheme: str = "iid", seed: int = 0, **kwargs
+) -> tuple[list[DataClient], tuple]:
+    """MNIST-1D's training set split over ``num_clients`` DataClients, and the test set."""
+    ds = load_dataset("mnist1d")
+    parts = partition(ds.y_train, num_clients, scheme, seed=seed, **kwargs)
+    return [DataClient(ds.x_train[p], ds.y_train[p]) for p in parts], (ds.x_test, ds.y_test)
+
+
+def _bare_loop(clients: list[DataClient], cfg: FedAvgConfig) -> float:
+    """The same SGD steps as the simulation, with nothing around them: one model, no server."""
+    model = build_model("mlp", seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    start = time.perf_counter()
+    for server_round in range(1, cfg.num_rounds + 1):
+        for cid, client in enumerate(clients):
+            gen = torch.Generator().manual_seed(client_seed(cfg.seed, server_round, cid))
+            for _ in range(cfg.local_epochs):
+                for idx in batch_indices(client.num_samples, cfg.batch_size, gen):
+                    loss = F.cross_entropy(model(client.x[idx]), client.y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+    return time.perf_counter() - start
+
+
+def _simulated(clients: list[DataClient], cfg: FedAvgConfig) -> float:
+    sim = FedAvgSimulation(
+        build_model("mlp", seed=0), clients, None, cfg
+    )  # no test set: no evaluation
+    start = time.perf_counter()
+    sim.run(progress=False)
+    return time.perf_counter() - start
+
+
+@benchmark(
+    "sim_overhead",
+    "FedAvg simulator wall time ÷ the same local SGD steps in a bare loop",
+    chapter="01",
+)
+def sim_overhead(smoke: bool) -> Result:
+    clients, _ = mnist1d_clients(10)
+    cfg = FedAvgConfig(
+        num_rounds=3 if smoke else 20, fraction_train=1.0, local_epochs=1, batch_size=10, lr=0.05
+    )
+    _bare_loop(clients[:1], FedAvgConfig(num_rounds=1, batch_size=10))  # warm-up (lazy init)
+    bare, simulated = [], []
+    for _ in range(2 if smoke else 3):  # interleaved: load on a shared machine hits both alike
+        bare.append(_bare_loop(clients, cfg))
+        simulated.append(_simulated(clients, cfg))
+    figures = {
+        "ratio": round(min(simulated) / min(bare), 3),
+        "simulator_s": round(min(simulated), 3),
+        "bare_loop_s": round(min(bare), 3),
+    }
+    steps = cfg.num_rounds * sum(-(-c.num_samples // cfg.batch_size) for c in clients)
+    return Result(
+        figures,
+        {"ratio": Target("ratio", max=1.2)},
+        details={"sgd_steps": steps, "rounds": cfg.num_rounds},
+    )
+
+
+FEDSGD = FedAvgConfig(
+    num_rounds=3000, fraction_train=0.1, local_epochs=1, batch_size=None, lr=0.5, eval_every=5
+)
+FEDAVG = FedAvgConfig(
+    num_rounds=300, fraction_train=0.1, local_epochs=5, batch_size=10, lr=0.05, eval_every=5
+)
+
+
+def rounds_to_target(
+    clients: list[DataClient],
+    test: tuple,
+    cfg: FedAvgConfig,
+    target: float,
+    *,
+    progress: bool = False,
+    desc: str = "",
+) -> tuple[int | None, FedAvgSimulation]:
+    """Run ``cfg`` until the global model's test accuracy reaches ``target`` (or the rounds run out)."""
+    sim = FedAvgSimulation(build_model("mlp", seed=0), clients, test, cfg)
+    while sim.round < cfg.num_rounds:
+        sim.run(min(sim.round + cfg.eval_every, cfg.num_rounds), progress=progress, desc=desc)
+        if (reached := sim.history.rounds_to(target)) is not None:
+            return reached, sim
+    return None, sim
+
+
+@benchmark(
+    "fedavg_vs_fedsgd",
+    "rounds to a target accuracy: FedSGD ÷ FedAvg (E=5, B=10), IID",
+    chapter="01",
+)
+def fedavg_vs_fedsgd(smoke: bool) -> Result:
+    target = 0.35 if smoke else 0.5
+    clients, test = mnist1d_clients(100)
+    scale = 10 if smoke else 1
+    fedsgd_cfg = FedAvgConfig(**{**FEDSGD.__dict__, "num_rounds": FEDSGD.num_rounds // scale})
+    fedavg_cfg = FedAvgConfig(**{**FEDAVG.__dict__, "num_rounds": FEDAVG.num_rounds // scale})
+    fedsgd, _ = rounds_to_target(clients, test, fedsgd_cfg, target)
+    fedavg, _ = rounds_to_target(clients, test, fedavg_cfg, target)
+    # A run that never reaches the target counts as its budget: the reduction is then a lower bound.
+    reduction = (fedsgd or fedsgd_cfg.num_rounds) / (fedavg or fedavg_cfg.num_rounds)
+    figures = {
+        "fedsgd_rounds": fedsgd if fedsgd is not None else float("nan"),
+        "fedavg_rounds": fedavg if fedavg is not None else float("nan"),
+        "round_reduction": round(reduction, 2),
+    }
+    return Result(
+        figures,
+        {
+            "round_reduction": Target(
+                "round_reduction", min=5, note=f"to {100 * target:.0f}% test accuracy"
+            )
+        },
+        details={
+            "target_accuracy": target,
+            "fedsgd": fedsgd_cfg.__dict__,
+            "fedavg": fedavg_cfg.__dict__,
+        },
+    )
