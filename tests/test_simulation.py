@@ -262,3 +262,43 @@ def test_a_broken_compressor_raises_instead_of_rejecting_every_client():
     sim = FedAvgSimulation(build_model("mlp", seed=0), clients, test, CFG, compressor=Broken())
     with pytest.raises(RuntimeError, match="bug in the compressor"):
         sim.run_round()
+
+
+def test_vectorized_mode_refuses_settings_it_cannot_honour():
+    with pytest.raises(ValueError, match="plain SGD"):
+        FedAvgConfig(vectorized=True, optimizer="adam")
+
+
+def test_vectorized_mode_falls_back_to_one_by_one_when_a_client_breaks_it(caplog):
+    clients, test = _clients()
+    odd = DataClient(torch.zeros(20, 39), torch.zeros(20, dtype=torch.long))  # wrong input width
+    cfg = FedAvgConfig(num_rounds=1, fraction_train=1.0, batch_size=5, lr=0.1, vectorized=True)
+    honest = FedAvgSimulation(
+        build_model("mlp", seed=0),
+        clients,
+        test,
+        FedAvgConfig(**{**cfg.__dict__, "vectorized": False}),
+    )
+    honest.run_round()
+    sim = FedAvgSimulation(build_model("mlp", seed=0), [*clients, odd], test, cfg)
+    with caplog.at_level(logging.WARNING, logger="labsupport.fl"):
+        record = sim.run_round()
+    assert "one by one" in caplog.text and list(record.rejected) == [4]
+    assert _same(sim.global_state, honest.global_state)
+
+
+def test_round_train_loss_is_weighted_by_samples():
+    class Fixed:
+        def __init__(self, n, loss):
+            self.num_samples, self.loss = n, loss
+
+        def fit(self, model, global_state, config, seed):
+            return (
+                {k: v.clone() for k, v in global_state.items()},
+                self.num_samples,
+                {"loss": self.loss},
+            )
+
+    _, test = _clients()
+    sim = FedAvgSimulation(build_model("mlp", seed=0), [Fixed(10, 1.0), Fixed(30, 3.0)], test, CFG)
+    assert sim.run_round().train_loss == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)

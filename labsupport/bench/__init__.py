@@ -28,6 +28,7 @@ _MODULES = [
     "labsupport.bench.baselines",
     "labsupport.bench.threads",
     "labsupport.bench.fl",
+    "labsupport.bench.vectorized",
 ]
 
 

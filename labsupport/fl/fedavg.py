@@ -73,7 +73,7 @@ def select_clients(
     seed: int = 0,
     server_round: int = 1,
 ) -> list[int]:
-    """Sample ``m = max(round(fraction * num_clients), min_clients)`` distinct clients, sorted.
+    """Sample ``m = max(C * K, min_clients)`` distinct clients (C * K rounded half up), sorted.
 
     Seeded by ``(seed, server_round)``: the same round always selects the same clients.
     """
@@ -85,7 +85,7 @@ def select_clients(
         raise ValueError(
             f"min_clients must be in [1, num_clients={num_clients}], got {min_clients}"
         )
-    m = min(num_clients, max(round(fraction * num_clients), min_clients))
+    m = min(num_clients, max(math.floor(fraction * num_clients + 0.5), min_clients))
     rng = np.random.default_rng([seed, server_round])
     return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
 

@@ -95,6 +95,11 @@ class FedAvgConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.vectorized and (self.optimizer != "sgd" or self.momentum != 0.0):
+            raise ValueError(
+                f"vectorized=True trains with plain SGD; got optimizer={self.optimizer!r}, "
+                f"momentum={self.momentum}. Use optimizer='sgd', momentum=0 or vectorized=False"
+            )
 
 
 @runtime_checkable
@@ -152,6 +157,11 @@ def fedavg_aggregator(
     return aggregate(states, weights)
 
 
+def _num_steps(num_samples: int, config: FedAvgConfig) -> int:
+    per_epoch = 1 if config.batch_size is None else -(-num_samples // config.batch_size)
+    return per_epoch * config.local_epochs
+
+
 @dataclass
 class RoundRecord:
     """What happened in one round. ``accuracy``/``loss`` are None in rounds without evaluation."""
@@ -159,7 +169,7 @@ class RoundRecord:
     round: int
     clients: list[int]
     rejected: dict[int, str]
-    train_loss: float | None
+    train_loss: float | None  # sample-weighted mean of the accepted clients' training losses
     accuracy: float | None
     loss: float | None
     bytes_up: int
@@ -271,10 +281,19 @@ class FedAvgSimulation:
         self, selected: list[int]
     ) -> tuple[list[StateDict], list[float], dict, list[float], int]:
         """Run the selected clients; returns accepted states, weights, rejections, losses, bytes up."""
-        states, weights, losses = [], [], []
+        states, weights, losses, loss_weights = [], [], [], []
         rejected: dict[int, str] = {}
         bytes_up = 0
-        trained = self._train_vectorized(selected) if self.config.vectorized else None
+        trained = None
+        if self.config.vectorized:
+            try:
+                trained = self._train_vectorized(selected)
+            except Exception as exc:  # e.g. one client's data has another shape: train one by one
+                logger.warning(
+                    "round %d: vectorized training failed (%r); training the clients one by one",
+                    self.round + 1,
+                    exc,
+                )
         for cid in selected:
             try:
                 if trained is not None and cid in trained:
@@ -300,8 +319,10 @@ class FedAvgSimulation:
             weights.append(float(weight))
             bytes_up += nbytes
             if isinstance(metrics, Mapping) and "loss" in metrics:
-                losses.append(float(metrics["loss"]))
-        return states, weights, rejected, losses, bytes_up
+                losses.append(float(metrics["loss"]) * float(weight))
+                loss_weights.append(float(weight))
+        train_loss = sum(losses) / sum(loss_weights) if loss_weights else None
+        return states, weights, rejected, train_loss, bytes_up
 
     def _through_compressor(self, cid: int, state: StateDict) -> tuple[StateDict, int]:
         """Send ``state - global`` through the compressor as serialized bytes; rebuild on the server.
@@ -339,7 +360,11 @@ class FedAvgSimulation:
             seeds=seeds,
         )
         return {
-            cid: (state, self.clients[cid].num_samples, {"loss": loss})
+            cid: (
+                state,
+                self.clients[cid].num_samples,
+                {"loss": loss, "steps": _num_steps(self.clients[cid].num_samples, cfg)},
+            )
             for cid, state, loss in zip(plain, states, losses, strict=True)
         }
 
@@ -355,7 +380,7 @@ class FedAvgSimulation:
             seed=cfg.seed,
             server_round=server_round,
         )
-        states, weights, rejected, losses, bytes_up = self._collect(selected)
+        states, weights, rejected, train_loss, bytes_up = self._collect(selected)
         if states:
             self.global_state = clone_state(self.aggregator(self.global_state, states, weights))
         else:
@@ -373,7 +398,7 @@ class FedAvgSimulation:
             round=server_round,
             clients=selected,
             rejected=rejected,
-            train_loss=sum(losses) / len(losses) if losses else None,
+            train_loss=train_loss,
             accuracy=acc,
             loss=loss,
             bytes_up=bytes_up,

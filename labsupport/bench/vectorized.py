@@ -1,0 +1,156 @@
+"""``vectorized_clients``: 100 small-model clients trained one by one vs all at once with ``torch.func``.
+
+The cross-device setting of McMahan et al. (2017): ``K = 100`` clients, here MNIST-1D's 4,000
+training samples split IID into 40 per client, the reference MLP, one local epoch of SGD (``B = 10``,
+``lr = 0.05``) -- four steps per client, 400 per round. Run one after the other, those steps cost
+mostly Python overhead; :func:`labsupport.fl.vectorized.vectorized_local_updates` takes each of the
+four steps for all 100 clients in one batched call.
+
+Figures:
+
+* ``sequential_s`` / ``vectorized_s`` -- the wall time of one round's local training, as a plain loop
+  of :func:`~labsupport.fl.fedavg.local_update` over the 100 clients and as one vectorized call; the
+  two are measured side by side, interleaved, and the minimum of the repeats is kept.
+  ``speedup`` = sequential ÷ vectorized (target >= 5).
+* ``max_param_diff`` -- the largest difference between the two ways' client models in the timed round
+  (the same computation: float rounding only).
+* ``accuracy_sequential`` / ``accuracy_vectorized`` / ``accuracy_gap`` -- test accuracy (percent) of
+  the global model after 30 FedAvg rounds (2 in smoke mode) of
+  :class:`~labsupport.fl.simulation.FedAvgSimulation` with all 100 clients, ``vectorized=False`` and
+  ``True``; the gap (vectorized minus sequential, in points) should be within one point. Thirty rounds,
+  because with four SGD steps per round this MLP needs about that many to leave chance level (about
+  20% at round 30) -- a gap between two untrained models would say little.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from labsupport.data import load_dataset
+from labsupport.fl.fedavg import StateDict, client_seed, clone_state, local_update
+from labsupport.fl.simulation import DataClient, FedAvgConfig, FedAvgSimulation
+from labsupport.fl.vectorized import vectorized_local_updates
+from labsupport.models import build_model
+
+from . import Result, Target, benchmark
+
+NUM_CLIENTS = 100
+BATCH_SIZE = 10
+LR = 0.05
+EPOCHS = 1
+SEED = 0
+
+ClientData = tuple[torch.Tensor, torch.Tensor]  # one client's (x, y)
+
+
+def iid_clients(
+    x: torch.Tensor, y: torch.Tensor, num_clients: int, seed: int = 0
+) -> list[ClientData]:
+    """Shuffle ``(x, y)`` and deal it into ``num_clients`` equal parts (the remainder is dropped)."""
+    per_client = len(y) // num_clients
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=generator)[: per_client * num_clients]
+    return [(x[idx], y[idx]) for idx in order.split(per_client)]
+
+
+def _time_round(
+    model: nn.Module, global_state: StateDict, data: list[ClientData], seeds: list[int]
+) -> tuple[float, float, float]:
+    """Seconds of the sequential loop, of the vectorized call, and their largest weight difference."""
+    start = time.perf_counter()
+    sequential = [
+        local_update(
+            model, global_state, x, y, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, seed=seed
+        )[0]
+        for (x, y), seed in zip(data, seeds, strict=True)
+    ]
+    sequential_s = time.perf_counter() - start
+    start = time.perf_counter()
+    vectorized, _ = vectorized_local_updates(
+        model, global_state, data, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, seeds=seeds
+    )
+    vectorized_s = time.perf_counter() - start
+    diff = max(
+        float((a[k] - b[k]).abs().max())
+        for a, b in zip(sequential, vectorized, strict=True)
+        for k in a
+    )
+    return sequential_s, vectorized_s, diff
+
+
+def _fedavg_accuracy(
+    data: list[ClientData], test: ClientData, rounds: int, vectorized: bool
+) -> tuple[float, float]:
+    """Final test accuracy (percent) and wall time of ``rounds`` FedAvg rounds with every client."""
+    clients = [DataClient(x, y) for x, y in data]
+    config = FedAvgConfig(
+        num_rounds=rounds, fraction_train=1.0, local_epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR,
+        seed=SEED, eval_every=rounds, vectorized=vectorized,
+    )  # fmt: skip
+    sim = FedAvgSimulation(build_model("mlp", (40,), 10, seed=SEED), clients, test, config)
+    start = time.perf_counter()
+    history = sim.run(progress=False)
+    return 100.0 * history.final_accuracy, time.perf_counter() - start
+
+
+@benchmark(
+    "vectorized_clients",
+    "100 MNIST-1D MLP clients' local epoch: a loop of local_update vs one torch.func/vmap call",
+    chapter="01",
+)
+def run(smoke: bool) -> Result:
+    ds = load_dataset("mnist1d")
+    data = iid_clients(ds.x_train, ds.y_train, NUM_CLIENTS, seed=SEED)
+    repeats, rounds = (3, 2) if smoke else (7, 30)
+    model = build_model("mlp", (40,), 10, seed=SEED)
+    global_state = clone_state(model.state_dict())
+    seeds = [client_seed(SEED, 1, cid) for cid in range(NUM_CLIENTS)]
+
+    # Warm-up, untimed: torch.func's first call imports a lot, and the first 100-client step
+    # allocates its batched buffers.
+    _time_round(model, global_state, data[:2], seeds[:2])
+    vectorized_local_updates(
+        model, global_state, data, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, seeds=seeds
+    )
+    sequential, vectorized, diffs = [], [], []
+    for _ in range(repeats):  # interleaved, so load on a shared machine hits both alike
+        seq_s, vec_s, diff = _time_round(model, global_state, data, seeds)
+        sequential.append(seq_s)
+        vectorized.append(vec_s)
+        diffs.append(diff)
+
+    acc_seq, sim_seq_s = _fedavg_accuracy(data, (ds.x_test, ds.y_test), rounds, vectorized=False)
+    acc_vec, sim_vec_s = _fedavg_accuracy(data, (ds.x_test, ds.y_test), rounds, vectorized=True)
+
+    figures = {
+        "sequential_s": round(min(sequential), 4),
+        "vectorized_s": round(min(vectorized), 4),
+        "speedup": round(min(sequential) / min(vectorized), 2),
+        "max_param_diff": float(max(diffs)),
+        "accuracy_sequential": round(acc_seq, 2),
+        "accuracy_vectorized": round(acc_vec, 2),
+        "accuracy_gap": round(acc_vec - acc_seq, 2),
+    }
+    targets = {
+        "speedup": Target("speedup", min=5.0, note="one round's local training, 100 clients"),
+        "accuracy_gap": Target(
+            "accuracy_gap", min=-1.0, max=1.0, note="points, after FedAvg rounds"
+        ),
+        "same_models": Target("max_param_diff", max=1e-4, note="float rounding only"),
+    }
+    details = {
+        "num_clients": NUM_CLIENTS,
+        "samples_per_client": len(data[0][1]),
+        "batch_size": BATCH_SIZE,
+        "lr": LR,
+        "local_epochs": EPOCHS,
+        "repeats": repeats,
+        "fedavg_rounds": rounds,
+        "sequential_s_all": [round(t, 4) for t in sequential],
+        "vectorized_s_all": [round(t, 4) for t in vectorized],
+        "fedavg_seconds": {"sequential": round(sim_seq_s, 2), "vectorized": round(sim_vec_s, 2)},
+    }
+    return Result(figures, targets, details)

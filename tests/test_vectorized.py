@@ -1,0 +1,289 @@
+"""Vectorized local updates (torch.func) against the sequential ``local_update`` they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from labsupport.fl.fedavg import clone_state, local_update
+from labsupport.fl.simulation import DataClient, FedAvgConfig, FedAvgSimulation
+from labsupport.fl.vectorized import batch_plan, vectorized_local_updates
+from labsupport.models import build_model
+from labsupport.train import batch_indices
+
+torch.set_num_threads(1)
+
+ATOL = 1e-5
+
+
+def make_data(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Synthetic clients: ``n`` samples of shape (40,) with labels in 10 classes each."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, 40, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes
+    ]
+
+
+def sequential(model, global_state, data, *, epochs, batch_size, lr, seeds):
+    """The reference: one ``local_update`` per client, in a loop."""
+    states, losses = [], []
+    for (x, y), seed in zip(data, seeds, strict=True):
+        state, result = local_update(
+            model,
+            global_state,
+            x,
+            y,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            optimizer="sgd",
+        )
+        states.append(state)
+        losses.append(result.loss)
+    return states, losses
+
+
+def assert_same_updates(
+    model: nn.Module, data, *, epochs: int, batch_size: int | None, lr: float = 0.1
+) -> None:
+    global_state = clone_state(model.state_dict())
+    seeds = [100 + 7 * i for i in range(len(data))]
+    got_states, got_losses = vectorized_local_updates(
+        model, global_state, data, epochs=epochs, batch_size=batch_size, lr=lr, seeds=seeds
+    )
+    want_states, want_losses = sequential(
+        model, global_state, data, epochs=epochs, batch_size=batch_size, lr=lr, seeds=seeds
+    )
+    assert len(got_states) == len(want_states) == len(data)
+    for c, (got, want) in enumerate(zip(got_states, want_states, strict=True)):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key].shape == want[key].shape and got[key].dtype == want[key].dtype
+            torch.testing.assert_close(
+                got[key], want[key], atol=ATOL, rtol=0, msg=f"client {c} {key}"
+            )
+        assert any(not torch.equal(got[k], global_state[k]) for k in got), (
+            f"client {c} did not train"
+        )
+    assert got_losses == pytest.approx(want_losses, abs=ATOL)
+
+
+CASES = {
+    "equal_sizes": dict(sizes=[20, 20, 20, 20], epochs=1, batch_size=5),
+    "unequal_sizes": dict(sizes=[7, 23, 40, 1, 15], epochs=1, batch_size=10),
+    "full_batch": dict(sizes=[7, 23, 40, 1, 15], epochs=1, batch_size=None),
+    "several_epochs": dict(sizes=[7, 23, 12, 3], epochs=3, batch_size=4),
+    "batch_larger_than_some_clients": dict(sizes=[3, 30, 12], epochs=2, batch_size=8),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", ["mlp", "cnn", "logistic"])
+def test_vectorized_matches_sequential_local_update(name: str, case: str) -> None:
+    spec = CASES[case]
+    model = build_model(name, seed=0)
+    assert_same_updates(
+        model, make_data(spec["sizes"]), epochs=spec["epochs"], batch_size=spec["batch_size"]
+    )
+
+
+def test_batch_plan_reproduces_batch_indices_per_client() -> None:
+    sizes, seeds, epochs, batch_size = [7, 23, 1], [5, 6, 7], 2, 5
+    index, mask = batch_plan(sizes, epochs=epochs, batch_size=batch_size, seeds=seeds)
+    assert index.shape == mask.shape == (3, 2 * 5, 5)  # 23 samples: 5 batches per epoch; b_max = 5
+    for c, (n, seed) in enumerate(zip(sizes, seeds, strict=True)):
+        gen = torch.Generator().manual_seed(seed)
+        want = [idx for _ in range(epochs) for idx in batch_indices(n, batch_size, gen)]
+        for s in range(index.shape[1]):
+            real = index[c, s][mask[c, s]]
+            expected = want[s] if s < len(want) else torch.empty(0, dtype=torch.long)
+            assert torch.equal(real, expected), f"client {c} step {s}"
+            assert mask[c, s].sum() == len(expected)
+
+
+def test_client_whose_batches_ran_out_keeps_its_weights_on_padded_steps() -> None:
+    model = build_model("mlp", seed=0)
+    global_state = clone_state(model.state_dict())
+    data = make_data([3, 50])  # batch 5: client 0 takes 1 step, client 1 takes 10
+    states, losses = vectorized_local_updates(
+        model, global_state, data, epochs=1, batch_size=5, lr=0.1, seeds=[1, 2]
+    )
+    # Independent computation of client 0's one step: full-batch gradient of the mean loss by autograd.
+    x, y = data[0]
+    model.load_state_dict(global_state)
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for (key, p), g in zip(model.named_parameters(), grads, strict=True):
+        torch.testing.assert_close(states[0][key], p.detach() - 0.1 * g, atol=ATOL, rtol=0)
+    assert losses[0] == pytest.approx(float(loss.detach()), abs=ATOL)
+
+
+def test_single_client_and_zero_epochs() -> None:
+    model = build_model("logistic", seed=0)
+    assert_same_updates(model, make_data([9]), epochs=2, batch_size=4)
+    global_state = clone_state(model.state_dict())
+    states, losses = vectorized_local_updates(
+        model, global_state, make_data([9, 4]), epochs=0, batch_size=4, lr=0.1, seeds=[0, 1]
+    )
+    for state in states:
+        for key in global_state:
+            assert torch.equal(state[key], global_state[key])
+    assert losses == [0.0, 0.0]
+
+
+def test_no_clients_gives_no_updates() -> None:
+    model = build_model("mlp", seed=0)
+    assert vectorized_local_updates(
+        model, model.state_dict(), [], epochs=1, batch_size=10, lr=0.1, seeds=[]
+    ) == ([], [])
+
+
+class ScaledMLP(nn.Module):
+    """A model with a constant buffer, a frozen layer and an integer buffer: none of them trained."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(40, 16)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(16, 10)
+        self.register_buffer("scale", torch.tensor(0.5))
+        self.register_buffer("version", torch.tensor(3, dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.frozen(x)) * self.scale)
+
+
+def test_buffers_and_frozen_parameters_are_copied_unchanged() -> None:
+    torch.manual_seed(0)
+    model = ScaledMLP()
+    assert_same_updates(model, make_data([6, 13]), epochs=2, batch_size=4)
+    global_state = clone_state(model.state_dict())
+    states, _ = vectorized_local_updates(
+        model, global_state, make_data([6, 13]), epochs=1, batch_size=4, lr=0.1, seeds=[0, 1]
+    )
+    for state in states:
+        for key in ("scale", "version", "frozen.weight", "frozen.bias"):
+            assert (
+                torch.equal(state[key], global_state[key])
+                and state[key].dtype == global_state[key].dtype
+            )
+
+
+def test_model_weights_are_left_unchanged() -> None:
+    model = build_model("mlp", seed=0)
+    before = clone_state(model.state_dict())
+    global_state = {k: v + 0.01 for k, v in before.items()}
+    vectorized_local_updates(
+        model, global_state, make_data([5, 8]), epochs=1, batch_size=4, lr=0.1, seeds=[0, 1]
+    )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_simulation_vectorized_matches_sequential_after_two_rounds() -> None:
+    data = make_data([5, 12, 30, 8, 19, 40], seed=1)
+    clients = [DataClient(x, y) for x, y in data]
+    test = make_data([50], seed=2)[0]
+    runs = {}
+    for flag in (False, True):
+        config = FedAvgConfig(
+            num_rounds=2, fraction_train=0.5, local_epochs=2, batch_size=4, lr=0.1, vectorized=flag
+        )
+        sim = FedAvgSimulation(build_model("mlp", seed=0), clients, test, config)
+        sim.run(progress=False)
+        runs[flag] = sim
+    ref, vec = runs[False], runs[True]
+    for key, value in ref.global_state.items():
+        torch.testing.assert_close(vec.global_state[key], value, atol=ATOL, rtol=0)
+    assert vec.history.column("clients") == ref.history.column("clients")
+    assert vec.history.column("train_loss") == pytest.approx(
+        ref.history.column("train_loss"), abs=ATOL
+    )
+    assert vec.history.column("accuracy") == ref.history.column("accuracy")
+
+
+def test_mismatched_data_and_seeds_raise() -> None:
+    model = build_model("mlp", seed=0)
+    with pytest.raises(ValueError, match="2 clients but 3 seeds"):
+        vectorized_local_updates(
+            model,
+            model.state_dict(),
+            make_data([4, 4]),
+            epochs=1,
+            batch_size=2,
+            lr=0.1,
+            seeds=[0, 1, 2],
+        )
+
+
+def test_empty_client_raises() -> None:
+    model = build_model("mlp", seed=0)
+    data = [*make_data([4]), (torch.zeros(0, 40), torch.zeros(0, dtype=torch.long))]
+    with pytest.raises(ValueError, match="client 1 has no samples"):
+        vectorized_local_updates(
+            model, model.state_dict(), data, epochs=1, batch_size=2, lr=0.1, seeds=[0, 1]
+        )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            [(torch.randn(4, 40), torch.zeros(3, dtype=torch.long))],
+            "client 0 has 4 inputs but 3 labels",
+        ),
+        (
+            [*make_data([4]), (torch.randn(4, 39), torch.zeros(4, dtype=torch.long))],
+            r"client 1 has samples of shape \(39,\)",
+        ),
+        (
+            [(torch.randn(4, 40), torch.zeros(4, 1, dtype=torch.long))],
+            r"labels have shape \(4, 1\)",
+        ),
+    ],
+)
+def test_inconsistent_client_data_raises(data, message: str) -> None:
+    model = build_model("mlp", seed=0)
+    seeds = list(range(len(data)))
+    with pytest.raises(ValueError, match=message):
+        vectorized_local_updates(
+            model, model.state_dict(), data, epochs=1, batch_size=2, lr=0.1, seeds=seeds
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"batch_size": 0}, "batch_size"), ({"epochs": -1}, "epochs"), ({"lr": float("nan")}, "lr")],
+)
+def test_bad_hyperparameters_raise(kwargs: dict, message: str) -> None:
+    model = build_model("mlp", seed=0)
+    args = {"epochs": 1, "batch_size": 2, "lr": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        vectorized_local_updates(model, model.state_dict(), make_data([4]), seeds=[0], **args)
+
+
+def test_batchnorm_model_raises() -> None:
+    model = nn.Sequential(nn.Linear(40, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    with pytest.raises(ValueError, match="'1' is a BatchNorm1d.*without running-stat buffers"):
+        vectorized_local_updates(
+            model, model.state_dict(), make_data([4]), epochs=1, batch_size=2, lr=0.1, seeds=[0]
+        )
+
+
+def test_dropout_model_raises() -> None:
+    model = nn.Sequential(nn.Linear(40, 16), nn.Dropout(0.5), nn.Linear(16, 10))
+    with pytest.raises(ValueError, match="Dropout"):
+        vectorized_local_updates(
+            model, model.state_dict(), make_data([4]), epochs=1, batch_size=2, lr=0.1, seeds=[0]
+        )
+
+
+def test_global_state_missing_a_key_raises() -> None:
+    model = build_model("mlp", seed=0)
+    state = {k: v for k, v in model.state_dict().items() if k != "fc3.bias"}
+    with pytest.raises(ValueError, match="fc3.bias"):
+        vectorized_local_updates(
+            model, state, make_data([4]), epochs=1, batch_size=2, lr=0.1, seeds=[0]
+        )
