@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 __all__ = ["BENCHMARKS", "Result", "Target", "benchmark", "results_dir", "run"]
 
 _MODULES = [
@@ -29,6 +31,7 @@ _MODULES = [
     "labsupport.bench.threads",
     "labsupport.bench.fl",
     "labsupport.bench.vectorized",
+    "labsupport.bench.flower",
 ]
 
 
@@ -132,9 +135,13 @@ def run(name: str, smoke: bool = False, out_dir: str | os.PathLike | None = None
         raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(entries)}")
     from labsupport.device import set_threads
 
+    before = torch.get_num_threads()
     threads = set_threads()
     start = time.perf_counter()
-    result = entries[name].fn(smoke)
+    try:
+        result = entries[name].fn(smoke)
+    finally:
+        torch.set_num_threads(before)
     payload = result.to_json()
     payload["benchmark"] = name
     payload["description"] = entries[name].description

@@ -35,6 +35,7 @@ __all__ = [
     "clone_state",
     "local_update",
     "mix_states",
+    "num_selected",
     "select_clients",
     "validate_update",
 ]
@@ -65,6 +66,11 @@ def client_seed(seed: int, server_round: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, client_id]).generate_state(1)[0])
 
 
+def num_selected(num_clients: int, fraction: float, min_clients: int = 1) -> int:
+    """``m = max(C * K, min_clients)`` clients per round, ``C * K`` rounded half up, at most ``K``."""
+    return min(num_clients, max(math.floor(fraction * num_clients + 0.5), min_clients))
+
+
 def select_clients(
     num_clients: int,
     fraction: float,
@@ -85,7 +91,7 @@ def select_clients(
         raise ValueError(
             f"min_clients must be in [1, num_clients={num_clients}], got {min_clients}"
         )
-    m = min(num_clients, max(math.floor(fraction * num_clients + 0.5), min_clients))
+    m = num_selected(num_clients, fraction, min_clients)
     rng = np.random.default_rng([seed, server_round])
     return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
 

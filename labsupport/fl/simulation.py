@@ -368,8 +368,12 @@ class FedAvgSimulation:
             for cid, state, loss in zip(plain, states, losses, strict=True)
         }
 
-    def run_round(self) -> RoundRecord:
-        """One round of Algorithm 1; returns (and records) what happened."""
+    def run_round(self, *, evaluate_now: bool | None = None) -> RoundRecord:
+        """One round of Algorithm 1; returns (and records) what happened.
+
+        The global model is evaluated every ``eval_every`` rounds and at the config's last round, or
+        as ``evaluate_now`` says.
+        """
         start = time.perf_counter()
         server_round = self.round + 1
         cfg = self.config
@@ -414,11 +418,14 @@ class FedAvgSimulation:
     def run(
         self, num_rounds: int | None = None, *, progress: bool = True, desc: str = "FedAvg"
     ) -> History:
-        """Run until round ``num_rounds`` (default: the config's), resuming where the state is."""
+        """Run until round ``num_rounds`` (default: the config's), resuming where the state is.
+
+        The last round run is always evaluated.
+        """
         target = self.config.num_rounds if num_rounds is None else num_rounds
         bar = tqdm(total=target, initial=min(self.round, target), desc=desc, disable=not progress)
         while self.round < target:
-            record = self.run_round()
+            record = self.run_round(evaluate_now=True if self.round + 1 == target else None)
             bar.update(1)
             if record.accuracy is not None:
                 bar.set_postfix(acc=f"{record.accuracy:.3f}")

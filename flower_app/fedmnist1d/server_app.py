@@ -1,0 +1,201 @@
+"""The ServerApp: Flower's FedAvg strategy, evaluated centrally on the MNIST-1D test set.
+
+Flower pieces: ``flwr.serverapp.ServerApp`` with an ``@app.main()`` function that gets a ``Grid``
+(the link to the SuperNodes) and a ``Context`` (``run_config`` = ``[tool.flwr.app.config]`` plus
+``flwr run --run-config`` overrides); ``flwr.serverapp.strategy.FedAvg`` (subclassed only to
+record each round's replies) driven by ``strategy.start(grid, initial_arrays, num_rounds,
+train_config=..., evaluate_fn=...)``, which each round sends the global ``ArrayRecord`` with a
+``ConfigRecord`` to the sampled nodes, averages the replies weighted by their ``"num-examples"``,
+and calls ``evaluate_fn(round, arrays)`` -- here the
+central test of :func:`labsupport.train.evaluate`, as :class:`labsupport.fl.FedAvgSimulation` does.
+
+The initial model is ``build_model(model, seed=seed)``, the simulator's; FedAvg waits for all
+``num-partitions`` nodes (``min_available_nodes``) and samples ``max(C * K, 1)`` of them (C * K
+rounded half up, as our simulator does). With ``fraction-train = 1`` every round uses every client, so a run equals the simulator's (chapter 01's
+comparison, ``python -m labsupport.bench flower_vs_labsupport``). With C < 1 Flower samples nodes with
+Python's unseeded ``random``: other clients than the simulator's.
+
+Results: with ``results-file`` set, a JSON file (``status``, ``config``, ``history`` of
+``round``/``accuracy``/``loss``/``train_loss``/``clients``/``errors``, ``final_accuracy``,
+``seconds``) rewritten after every round, and the final state dict next to it (``.pt``). :func:`make_server_app` builds the app with
+config overrides and a callback, for ``run_simulation`` (``labsupport.fl.flower``), where no
+pyproject is read and the results come back in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flwr
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedmnist1d.task import AppConfig, load_data, make_model, test
+from labsupport.device import set_threads
+from labsupport.fl.fedavg import clone_state, num_selected
+
+__all__ = ["FedAvgWithReplies", "app", "make_server_app", "run_fedavg"]
+
+
+class FedAvgWithReplies(FedAvg):
+    """Flower's FedAvg that also records each round's replies, and stops when none of them trained.
+
+    Flower's FedAvg logs a client's error reply and averages the others; if every reply is an error
+    it keeps the old model and goes on -- a run whose clients all crash would look complete. Here
+    ``replies[round] = (number trained, [error reasons])``, and a round without one trained reply
+    raises.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.replies: dict[int, tuple[int, list[str]]] = {}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        errors = [m.error.reason for m in replies if m.has_error()]
+        self.replies[server_round] = (len(replies) - len(errors), errors)
+        if len(errors) == len(replies):
+            raise RuntimeError(
+                f"round {server_round}: none of the {len(replies)} sampled clients trained; "
+                f"errors: {errors[:3]}"
+            )
+        return super().aggregate_train(server_round, replies)
+
+
+def run_fedavg(
+    grid: Grid,
+    config: AppConfig,
+    *,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``config.num_server_rounds`` rounds of Flower's FedAvg over ``grid``; return the results.
+
+    Returns ``{"status", "config", "history", "final_accuracy", "seconds", "model_file",
+    "state_dict"}``; ``history`` has one row per central evaluation, round 0 being the initial model.
+    ``on_round(row)`` is called after each evaluation.
+    """
+    start = time.perf_counter()
+    ds = load_data()
+    model = make_model(config.model, seed=config.seed)
+    initial_state = clone_state(model.state_dict())
+    path = Path(config.results_file).expanduser() if config.results_file else None
+    history: list[dict[str, Any]] = []
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = test(model, ds.x_test, ds.y_test)
+        row = {
+            "round": server_round,
+            "accuracy": metrics["accuracy"],
+            "loss": metrics["loss"],
+            "seconds": time.perf_counter() - start,
+        }
+        history.append(row)
+        if on_round is not None:
+            on_round(dict(row))
+        if path is not None:
+            _write_json(path, _payload("running", config, history, start))
+        return MetricRecord({"accuracy": metrics["accuracy"], "loss": metrics["loss"]})
+
+    k = config.num_partitions
+    strategy = FedAvgWithReplies(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=config.min_train_nodes,
+        min_evaluate_nodes=num_selected(k, config.fraction_evaluate)
+        if config.fraction_evaluate
+        else 0,
+        min_available_nodes=k,
+    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial_state),
+            num_rounds=config.num_server_rounds,
+            train_config=ConfigRecord(config.client_config()),
+            evaluate_config=ConfigRecord(config.client_config()),
+            evaluate_fn=central_evaluate,
+        )
+    except BaseException as exc:
+        if path is not None:
+            _write_json(path, {**_payload("failed", config, history, start), "error": repr(exc)})
+        raise
+
+    for row in history:  # what the clients reported, averaged by FedAvg with num-examples weights
+        row["clients"], row["errors"] = strategy.replies.get(row["round"], (0, []))
+        train = result.train_metrics_clientapp.get(row["round"])
+        row["train_loss"] = float(train["train_loss"]) if train and "train_loss" in train else None
+        fed = result.evaluate_metrics_clientapp.get(row["round"])
+        if fed:
+            row["federated_accuracy"] = float(fed["eval_acc"])
+            row["federated_loss"] = float(fed["eval_loss"])
+    final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else initial_state
+    final_state = {k: v.clone() for k, v in final_state.items()}
+    payload = _payload("completed", config, history, start)
+    if path is not None:
+        model_file = path.with_suffix(".pt")
+        model_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(final_state, model_file)
+        payload["model_file"] = str(model_file)
+        _write_json(path, payload)
+    return {**payload, "state_dict": final_state}
+
+
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> ServerApp:
+    """A ServerApp whose config is ``AppConfig()`` <- ``context.run_config`` <- ``overrides``.
+
+    ``on_round(row)`` sees every central evaluation and ``on_result(results)`` the final results
+    (with the final ``state_dict``), in the ServerApp's process -- which, under ``run_simulation``,
+    is the caller's.
+    """
+    extra = dict(overrides or {})
+    AppConfig.from_run_config(extra)  # fail here, not inside Flower's thread, on a bad key/value
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        set_threads()
+        config = AppConfig.from_run_config({**context.run_config, **extra})
+        results = run_fedavg(grid, config, on_round=on_round)
+        if on_result is not None:
+            on_result(results)
+
+    return app
+
+
+def _payload(status: str, config: AppConfig, history: list[dict], start: float) -> dict[str, Any]:
+    evaluated = [r["accuracy"] for r in history]
+    return {
+        "status": status,
+        "config": config.to_run_config(),
+        "history": [dict(r) for r in history],
+        "final_accuracy": evaluated[-1] if evaluated else None,
+        "seconds": time.perf_counter() - start,
+        "model_file": None,
+        "flwr_version": flwr.__version__,
+    }
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+app = make_server_app()
