@@ -34,7 +34,8 @@ def test_committed_notebook_has_no_outputs(path):
     if nb is None:
         pytest.skip(f"{path.name} is not committed (or this is not a git checkout)")
     dirty = [
-        i for i, c in enumerate(nb["cells"])
+        i
+        for i, c in enumerate(nb["cells"])
         if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))
     ]
     assert not dirty, (
