@@ -53,7 +53,6 @@ distance and bytes sent per round.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -77,7 +76,7 @@ from .fedavg import (
     validate_update,
 )
 from .serialize import payload_nbytes
-from .simulation import Client, FedAvgConfig
+from .simulation import Client, FedAvgConfig, History
 
 __all__ = [
     "DecentralizedHistory",
@@ -374,32 +373,11 @@ class DecentralizedRecord:
 
 
 @dataclass
-class DecentralizedHistory:
-    """Per-round records of a decentralized run."""
-
-    rounds: list[DecentralizedRecord] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.rounds)
-
-    def column(self, name: str) -> list:
-        return [getattr(r, name) for r in self.rounds]
-
-    def evaluated(self) -> tuple[list[int], list[float]]:
-        """Rounds with an evaluation of the average model and its accuracies."""
-        pairs = [(r.round, r.accuracy) for r in self.rounds if r.accuracy is not None]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
+class DecentralizedHistory(History):
+    """Per-round records of a decentralized run (``rounds`` holds :class:`DecentralizedRecord`)."""
 
     def cumulative_bytes_sent(self) -> list[int]:
-        return np.cumsum([r.bytes_sent for r in self.rounds]).tolist()
-
-    @property
-    def final_accuracy(self) -> float | None:
-        _, acc = self.evaluated()
-        return acc[-1] if acc else None
-
-    def to_dicts(self) -> list[dict]:
-        return [dataclasses.asdict(r) for r in self.rounds]
+        return self.cumulative("bytes_sent")
 
 
 class DecentralizedSimulation:

@@ -202,12 +202,16 @@ class History:
                 return r.round
         return None
 
-    def cumulative_bytes_up(self) -> list[int]:
+    def cumulative(self, name: str) -> list:
+        """Running total of a per-round column, e.g. ``cumulative("bytes_up")``."""
         total, out = 0, []
-        for r in self.rounds:
-            total += r.bytes_up
+        for value in self.column(name):
+            total += value
             out.append(total)
         return out
+
+    def cumulative_bytes_up(self) -> list[int]:
+        return self.cumulative("bytes_up")
 
     @property
     def final_accuracy(self) -> float | None:
