@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["save_figure", "show_source", "smoke_mode"]
+__all__ = ["figure_path", "save_figure", "show_source", "smoke_mode"]
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -23,15 +23,22 @@ def smoke_mode() -> bool:
     return os.environ.get("LAB_SMOKE", "").strip().lower() in _TRUE
 
 
-def save_figure(fig, name: str) -> Path | None:
-    """Save ``fig`` as ``$LAB_RESULTS_DIR/figures/<name>.png``; ``None`` if the variable is unset."""
+def figure_path(name: str) -> Path | None:
+    """Where :func:`save_figure` puts figure ``name``; ``None`` when ``$LAB_RESULTS_DIR`` is unset."""
     root = os.environ.get("LAB_RESULTS_DIR")
-    if not root:
-        return None
-    path = Path(root) / "figures" / f"{name}.png"
+    return Path(root) / "figures" / f"{name}.png" if root else None
+
+
+def save_figure(fig, name: str) -> None:
+    """Save ``fig`` as ``$LAB_RESULTS_DIR/figures/<name>.png`` (nothing if the variable is unset).
+
+    Returns nothing, so a notebook cell may end with it without printing a path.
+    """
+    path = figure_path(name)
+    if path is None:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
 
 
 def show_source(obj: object):
