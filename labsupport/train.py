@@ -112,32 +112,30 @@ def train(
         else make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     )
     model.train()
-    total_loss, total_samples, done = 0.0, 0, 0
-    losses: list[float] = []
-    budget = steps if steps is not None else None
+    total_samples, done = 0, 0
+    batch_losses: list[torch.Tensor] = []  # summed once at the end: no Python float per step
+    batch_sizes: list[int] = []
     epoch = 0
-    while True:
-        if epochs is not None and epoch >= epochs:
-            break
+    while epochs is None or epoch < epochs:
         for idx in batch_indices(len(x), batch_size, generator):
-            if budget is not None and done >= budget:
+            if steps is not None and done >= steps:
                 break
-            xb, yb = x[idx], y[idx]
-            loss = F.cross_entropy(model(xb), yb)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
             if penalty is not None:
                 loss = loss + penalty(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            value = float(loss.detach())
-            total_loss += value * len(idx)
+            batch_losses.append(loss.detach())
+            batch_sizes.append(len(idx))
             total_samples += len(idx)
             done += 1
-            if record_losses:
-                losses.append(value)
         epoch += 1
-        if budget is not None and done >= budget:
+        if steps is not None and done >= steps:
             break
+    per_batch = torch.stack(batch_losses).double() if batch_losses else torch.zeros(0)
+    total_loss = float((per_batch * torch.tensor(batch_sizes, dtype=torch.float64)).sum())
+    losses = per_batch.tolist() if record_losses else []
     return TrainResult(
         steps=done, samples=total_samples, loss=total_loss / max(total_samples, 1), losses=losses
     )
