@@ -302,3 +302,14 @@ def test_round_train_loss_is_weighted_by_samples():
     _, test = _clients()
     sim = FedAvgSimulation(build_model("mlp", seed=0), [Fixed(10, 1.0), Fixed(30, 3.0)], test, CFG)
     assert sim.run_round().train_loss == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)
+
+
+def test_a_diverging_client_is_rejected_in_vectorized_mode_too(caplog):
+    clients, test = _clients()
+    huge = DataClient(clients[0].x * 1e30, clients[0].y)  # its gradients overflow to inf/NaN
+    cfg = FedAvgConfig(num_rounds=1, fraction_train=1.0, batch_size=5, lr=0.1, vectorized=True)
+    sim = FedAvgSimulation(build_model("mlp", seed=0), [*clients[1:], huge], test, cfg)
+    with caplog.at_level(logging.WARNING, logger="labsupport.fl"):
+        record = sim.run_round()
+    assert list(record.rejected) == [3] and "non-finite" in record.rejected[3]
+    assert all(bool(torch.isfinite(v).all()) for v in sim.global_state.values())

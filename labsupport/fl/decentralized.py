@@ -68,15 +68,12 @@ from labsupport.train import evaluate
 
 from .fedavg import (
     StateDict,
-    UpdateRejected,
     aggregate,
-    client_seed,
     clone_state,
     mix_states,
-    validate_update,
 )
 from .serialize import payload_nbytes
-from .simulation import Client, FedAvgConfig, History
+from .simulation import Client, FedAvgConfig, History, fit_or_reject
 
 __all__ = [
     "DecentralizedHistory",
@@ -450,17 +447,12 @@ class DecentralizedSimulation:
         trained, losses, rejected = [], [], {}
         for cid, client in enumerate(self.clients):
             own = self.states[cid]
-            try:
-                seed = client_seed(self.config.seed, self.round + 1, cid)
-                state, weight, metrics = client.fit(self.scratch, own, self.config, seed)
-                validate_update(own, state, weight, client=cid)
-            except Exception as exc:  # a bad client keeps its model; the run goes on
-                reason = (
-                    str(exc) if isinstance(exc, UpdateRejected) else f"client {cid} raised {exc!r}"
-                )
-                rejected[cid] = reason
-                logger.warning("round %d: rejected an update: %s", self.round + 1, reason)
+            reply = fit_or_reject(client, cid, self.scratch, own, self.config, self.round + 1)
+            if isinstance(reply, str):  # a bad client keeps its model; the run goes on
+                rejected[cid] = reply
                 state, metrics = own, {}
+            else:
+                state, _, metrics = reply
             trained.append(state)
             if isinstance(metrics, Mapping) and "loss" in metrics:
                 losses.append(float(metrics["loss"]))

@@ -59,6 +59,7 @@ __all__ = [
     "History",
     "RoundRecord",
     "fedavg_aggregator",
+    "fit_or_reject",
 ]
 
 logger = logging.getLogger("labsupport.fl")
@@ -160,6 +161,34 @@ def fedavg_aggregator(
 def _num_steps(num_samples: int, config: FedAvgConfig) -> int:
     per_epoch = 1 if config.batch_size is None else -(-num_samples // config.batch_size)
     return per_epoch * config.local_epochs
+
+
+def fit_or_reject(
+    client: Client,
+    cid: int,
+    scratch: nn.Module,
+    state: StateDict,
+    config: FedAvgConfig,
+    server_round: int,
+) -> tuple[StateDict, float, dict] | str:
+    """Run client ``cid``'s ``fit`` from ``state`` and validate the reply against it.
+
+    Returns ``(new_state, weight, metrics)``, or -- when the client raised or its update failed
+    :func:`~labsupport.fl.fedavg.validate_update` -- the reason, which is also logged. A bad client is
+    rejected, never fatal to the run (the FedAvg server and the gossip clients both rely on this).
+    """
+    try:
+        reply = client.fit(scratch, state, config, client_seed(config.seed, server_round, cid))
+        if not isinstance(reply, tuple) or len(reply) != 3:
+            raise UpdateRejected(
+                f"fit returned {type(reply).__name__}; expected (state, weight, metrics)", cid
+            )
+        validate_update(state, reply[0], reply[1], client=cid)
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, UpdateRejected) else f"client {cid} raised {exc!r}"
+        logger.warning("round %d: rejected an update: %s", server_round, reason)
+        return reason
+    return reply
 
 
 @dataclass
@@ -283,8 +312,8 @@ class FedAvgSimulation:
     # ------------------------------------------------------------------------------- the round
     def _collect(
         self, selected: list[int]
-    ) -> tuple[list[StateDict], list[float], dict, list[float], int]:
-        """Run the selected clients; returns accepted states, weights, rejections, losses, bytes up."""
+    ) -> tuple[list[StateDict], list[float], dict[int, str], float | None, int]:
+        """Run the selected clients: accepted states, weights, rejections, mean train loss, bytes up."""
         states, weights, losses, loss_weights = [], [], [], []
         rejected: dict[int, str] = {}
         bytes_up = 0
@@ -299,22 +328,21 @@ class FedAvgSimulation:
                     exc,
                 )
         for cid in selected:
-            try:
-                if trained is not None and cid in trained:
-                    state, weight, metrics = trained[cid]
-                else:
-                    seed = client_seed(self.config.seed, self.round + 1, cid)
-                    state, weight, metrics = self.clients[cid].fit(
-                        self.scratch, self.global_state, self.config, seed
-                    )
-                validate_update(self.global_state, state, weight, client=cid)
-            except Exception as exc:  # a bad client is rejected, never fatal to the run
-                reason = (
-                    str(exc) if isinstance(exc, UpdateRejected) else f"client {cid} raised {exc!r}"
+            if trained is not None and cid in trained:
+                state, weight, metrics = trained[cid]
+            else:
+                reply = fit_or_reject(
+                    self.clients[cid],
+                    cid,
+                    self.scratch,
+                    self.global_state,
+                    self.config,
+                    self.round + 1,
                 )
-                rejected[cid] = reason
-                logger.warning("round %d: rejected an update: %s", self.round + 1, reason)
-                continue
+                if isinstance(reply, str):
+                    rejected[cid] = reply
+                    continue
+                state, weight, metrics = reply
             if self.compressor is not None:  # our own code: an error here is a bug, and raises
                 state, nbytes = self._through_compressor(cid, state)
             else:
@@ -346,6 +374,8 @@ class FedAvgSimulation:
         return rebuilt, len(wire)
 
     def _train_vectorized(self, selected: list[int]) -> dict[int, tuple[StateDict, float, dict]]:
+        """Train the selected plain DataClients together. An update that fails validation (e.g. it
+        diverged to NaN) is left out, so that client is trained -- and rejected -- one by one."""
         from .vectorized import vectorized_local_updates
 
         plain = [cid for cid in selected if type(self.clients[cid]) is DataClient]
@@ -363,14 +393,15 @@ class FedAvgSimulation:
             lr=cfg.lr,
             seeds=seeds,
         )
-        return {
-            cid: (
-                state,
-                self.clients[cid].num_samples,
-                {"loss": loss, "steps": _num_steps(self.clients[cid].num_samples, cfg)},
-            )
-            for cid, state, loss in zip(plain, states, losses, strict=True)
-        }
+        out = {}
+        for cid, state, loss in zip(plain, states, losses, strict=True):
+            n = self.clients[cid].num_samples
+            try:
+                validate_update(self.global_state, state, n, client=cid)
+            except UpdateRejected:
+                continue
+            out[cid] = (state, n, {"loss": loss, "steps": _num_steps(n, cfg)})
+        return out
 
     def run_round(self, *, evaluate_now: bool | None = None) -> RoundRecord:
         """One round of Algorithm 1; returns (and records) what happened.
