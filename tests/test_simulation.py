@@ -313,3 +313,12 @@ def test_a_diverging_client_is_rejected_in_vectorized_mode_too(caplog):
         record = sim.run_round()
     assert list(record.rejected) == [3] and "non-finite" in record.rejected[3]
     assert all(bool(torch.isfinite(v).all()) for v in sim.global_state.values())
+
+
+def test_run_evaluates_the_last_round_it_runs_even_off_schedule():
+    clients, test = _clients()
+    cfg = FedAvgConfig(num_rounds=10, fraction_train=0.5, batch_size=5, lr=0.1, eval_every=4)
+    sim = FedAvgSimulation(build_model("mlp", seed=0), clients, test, cfg)
+    history = sim.run(3, progress=False)  # round 3 is neither on the schedule nor the config's last
+    assert history.evaluated()[0] == [3]
+    assert sim.run_round(evaluate_now=False).accuracy is None

@@ -427,9 +427,9 @@ class FedAvgSimulation:
         self.round = server_round
         eval_start = time.perf_counter()
         acc = loss = None
-        if self.test is not None and (
-            server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds
-        ):
+        if evaluate_now is None:
+            evaluate_now = server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds
+        if self.test is not None and evaluate_now:
             metrics = self.evaluate()
             acc, loss = metrics["accuracy"], metrics["loss"]
         end = time.perf_counter()
