@@ -5,8 +5,18 @@ these labs its per-batch overhead costs more than the model). Determinism comes 
 ``torch.Generator`` for the batch order, so a run can be repeated -- or resumed -- exactly.
 
 * :func:`train` -- ``epochs`` or ``steps`` of SGD/Adam on ``(x, y)``; ``batch_size=None`` is full-batch
-  gradient descent (FedSGD's client step, McMahan et al. 2017). An optional ``penalty(model)`` is added
-  to the loss (FedProx's proximal term in chapter 03).
+  gradient descent (FedSGD's client step, McMahan et al. 2017). Hooks for the chapters that change
+  the local step, each ``None`` by default:
+
+  - ``loss_fn(model, xb, yb) -> loss`` replaces cross-entropy (distillation, chapter 04);
+  - ``penalty(model) -> tensor`` is added to the loss (FedProx's proximal term, chapter 03);
+  - ``grad_hook(model)`` runs after ``backward()`` and before the optimizer step, and may rewrite
+    the ``.grad`` of every parameter (SCAFFOLD's correction, chapter 03; per-sample clipping and
+    noise, chapter 02);
+  - ``batch_sampler(n, generator) -> iterable of index tensors`` is one epoch of batches (Poisson
+    sampling for DP-SGD, :func:`poisson_batches`); the default is :func:`batch_indices`;
+  - ``device``: the data is moved there batch by batch (the model must already be there,
+    :func:`labsupport.device.get_device` honours ``LAB_DEVICE``).
 * :func:`evaluate` -- loss and accuracy.
 * :func:`fit` -- the centralized baseline: train with periodic evaluation and a tqdm bar.
 
@@ -17,7 +27,7 @@ Use one torch thread for these tiny models on small CPUs (:func:`labsupport.devi
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,11 +37,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 __all__ = [
+    "BatchSampler",
     "TrainResult",
     "batch_indices",
     "evaluate",
     "fit",
     "make_optimizer",
+    "poisson_batches",
     "seed_everything",
     "train",
 ]
@@ -53,6 +65,26 @@ def batch_indices(
         return
     perm = torch.randperm(n, generator=generator)
     yield from perm.split(batch_size)
+
+
+def poisson_batches(
+    n: int, sample_rate: float, generator: torch.Generator | None = None
+) -> Iterator[torch.Tensor]:
+    """One epoch of Poisson-sampled batches: ``round(1 / sample_rate)`` batches, each example in each
+    batch independently with probability ``sample_rate`` (so batch sizes vary and may be 0).
+
+    This is the sampling the DP-SGD accountants assume (Abadi et al. 2016; Mironov et al. 2019);
+    shuffled fixed-size batches are not. Pass ``functools.partial(poisson_batches,
+    sample_rate=q)`` -- with ``n`` and ``generator`` left free -- as :func:`train`'s ``batch_sampler``.
+    """
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    for _ in range(max(1, round(1.0 / sample_rate))):
+        mask = torch.rand(n, generator=generator) < sample_rate
+        yield mask.nonzero().flatten()
+
+
+BatchSampler = Callable[[int, "torch.Generator | None"], Iterable[torch.Tensor]]
 
 
 def make_optimizer(
@@ -90,11 +122,18 @@ def train(
     weight_decay: float = 0.0,
     generator: torch.Generator | None = None,
     penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    grad_hook: Callable[[nn.Module], None] | None = None,
+    batch_sampler: BatchSampler | None = None,
+    device: torch.device | str | None = None,
     record_losses: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place on ``(x, y)`` for ``epochs`` passes or ``steps`` mini-batches.
 
-    The batch order comes from ``generator`` (pass a seeded one for repeatable runs).
+    The batch order comes from ``generator`` (pass a seeded one for repeatable runs). The hooks
+    (``loss_fn``, ``penalty``, ``grad_hook``, ``batch_sampler``, ``device``) are described in the
+    module docstring. An empty batch (possible under Poisson sampling) counts as a step with no
+    gradient from data; ``grad_hook`` still runs, so DP noise is still added.
     """
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= or steps=")
@@ -111,20 +150,30 @@ def train(
         if isinstance(optimizer, torch.optim.Optimizer)
         else make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     )
+    sampler = batch_sampler or (lambda n, gen: batch_indices(n, batch_size, gen))
+    dev = torch.device(device) if device is not None else None
     model.train()
     total_samples, done = 0, 0
     batch_losses: list[torch.Tensor] = []  # summed once at the end: no Python float per step
     batch_sizes: list[int] = []
     epoch = 0
     while epochs is None or epoch < epochs:
-        for idx in batch_indices(len(x), batch_size, generator):
+        for idx in sampler(len(x), generator):
             if steps is not None and done >= steps:
                 break
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            xb, yb = x[idx], y[idx]
+            if dev is not None:
+                xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+            if len(idx) == 0:  # an empty Poisson batch: no data term
+                loss = sum(p.sum() * 0.0 for p in model.parameters())
+            else:
+                loss = loss_fn(model, xb, yb) if loss_fn is not None else F.cross_entropy(model(xb), yb)
             if penalty is not None:
                 loss = loss + penalty(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_hook is not None:
+                grad_hook(model)
             opt.step()
             batch_losses.append(loss.detach())
             batch_sizes.append(len(idx))
@@ -150,9 +199,11 @@ def evaluate(
         raise ValueError("cannot evaluate on an empty dataset")
     was_training = model.training
     model.eval()
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        xb, yb = xb.to(dev), yb.to(dev)
         logits = model(xb)
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())

@@ -1,59 +1,94 @@
-"""Federated learning from scratch (chapter 01).
+"""Federated learning from scratch: one vocabulary for every chapter's runs.
 
-* :mod:`~labsupport.fl.fedavg` -- FedAvg's parts: selection, local update, validation, averaging.
-* :mod:`~labsupport.fl.simulation` -- the in-process server loop with history and checkpoint/resume.
-* :mod:`~labsupport.fl.serialize` -- payloads as bytes on the wire.
+* :mod:`~labsupport.fl.state` -- state dicts: copy, validate, the weighted average (FedAvg's step).
+* :mod:`~labsupport.fl.selection` -- client selection and derived seeds.
+* :mod:`~labsupport.fl.clients` -- ``TrainConfig``, ``RoundContext``, ``FitReply``/``Rejection``,
+  the ``Client`` protocol and the honest ``DataClient``.
+* :mod:`~labsupport.fl.transforms` -- the update pipeline (compression, DP clipping/noise, masking).
+* :mod:`~labsupport.fl.aggregators` -- stateful aggregators and the sample-count policy.
+* :mod:`~labsupport.fl.history` -- one ``History`` for server, gossip and Flower runs.
+* :mod:`~labsupport.fl.server` -- the in-process FedAvg server with checkpoint/resume.
+* :mod:`~labsupport.fl.serialize`, :mod:`~labsupport.fl.checkpoint` -- bytes on the wire and on disk
+  (safetensors, no pickle).
 * :mod:`~labsupport.fl.compression` -- top-k with error feedback, stochastic quantization.
 * :mod:`~labsupport.fl.vectorized` -- many small-model clients in one ``torch.func.vmap`` step.
-* :mod:`~labsupport.fl.decentralized` -- gossip over a graph, no server (D-PSGD).
-* :mod:`~labsupport.fl.flower` -- the Flower app (``flower_app/``) in Flower's Ray simulation.
-* :mod:`~labsupport.fl.deployment` -- a SuperLink and SuperNodes as real processes on loopback.
+* :mod:`~labsupport.fl.graphs`, :mod:`~labsupport.fl.gossip` -- decentralized FL over a graph.
 
-The last two import Flower, so they are imported from their modules, not re-exported here.
+Flower (the Ray simulation, the Deployment Engine, the strategy bridge) is :mod:`labsupport.flower`.
 """
 
-from .fedavg import (
+from .aggregators import Aggregator, CountPolicy, WeightedMean
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .clients import (
+    Client,
+    DataClient,
+    FitReply,
+    Rejection,
+    RoundContext,
+    TrainConfig,
+    fit_or_reject,
+    local_update,
+)
+from .compression import NoCompression, StochasticQuantizer, TopK, TopKQuantized, make_compressor
+from .gossip import GossipSimulation, consensus_distance, gossip_average
+from .history import History, RoundRecord
+from .selection import client_seed, num_selected, select_clients
+from .serialize import PayloadError, deserialize, payload_nbytes, serialize
+from .server import FedAvgConfig, FedAvgSimulation
+from .state import (
     StateDict,
     UpdateRejected,
     aggregate,
-    client_seed,
+    apply_delta,
     clone_state,
-    local_update,
     mix_states,
-    num_selected,
-    select_clients,
+    state_delta,
     validate_update,
 )
-from .serialize import deserialize, payload_nbytes, serialize
-from .simulation import (
-    Client,
-    DataClient,
-    FedAvgConfig,
-    FedAvgSimulation,
-    History,
-    RoundRecord,
-    fedavg_aggregator,
-)
+from .transforms import Pipeline, UpdateTransform
 
 __all__ = [
+    "Aggregator",
+    "CheckpointError",
     "Client",
+    "CountPolicy",
     "DataClient",
     "FedAvgConfig",
     "FedAvgSimulation",
+    "FitReply",
+    "GossipSimulation",
     "History",
+    "NoCompression",
+    "PayloadError",
+    "Pipeline",
+    "Rejection",
+    "RoundContext",
     "RoundRecord",
     "StateDict",
+    "StochasticQuantizer",
+    "TopK",
+    "TopKQuantized",
+    "TrainConfig",
     "UpdateRejected",
+    "UpdateTransform",
+    "WeightedMean",
     "aggregate",
+    "apply_delta",
     "client_seed",
     "clone_state",
+    "consensus_distance",
     "deserialize",
-    "fedavg_aggregator",
+    "fit_or_reject",
+    "gossip_average",
+    "load_checkpoint",
     "local_update",
+    "make_compressor",
     "mix_states",
     "num_selected",
     "payload_nbytes",
+    "save_checkpoint",
     "select_clients",
     "serialize",
+    "state_delta",
     "validate_update",
 ]

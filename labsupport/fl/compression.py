@@ -2,11 +2,15 @@
 
 Chapter 01 ("communication efficiency") asks how few bytes a client can upload per round and still
 train. What is compressed is the client's *update* ``Δ = w_local - w_global``, not its weights: the
-update is small and mostly noise-like, the weights are not. :class:`~labsupport.fl.simulation.FedAvgSimulation`
-takes a ``compressor``; for each selected client it calls ``compress(Δ, client)``, serializes the
-payload (:func:`~labsupport.fl.serialize.serialize`, whose length is the bytes counted as uploaded),
-deserializes it on the server and calls ``decompress(payload, global_state)`` to get the estimate
-``Ĉ(Δ)`` that is averaged.
+update is small and mostly noise-like, the weights are not. Every compressor is an
+:class:`~labsupport.fl.transforms.UpdateTransform` in the server's update pipeline
+(:class:`~labsupport.fl.server.FedAvgSimulation`'s ``transforms``): for each selected client
+``encode`` calls ``compress(Δ, client)``, the payload is serialized
+(:func:`~labsupport.fl.serialize.serialize`, whose length is the bytes counted as uploaded) and
+deserialized on the server, and ``decode`` calls ``decompress(payload, global_state)`` to get the
+estimate ``Ĉ(Δ)`` that is averaged. An update that cannot be compressed (a range that overflows
+float32 in quantization) or a payload that does not decode raises ``ValueError``: the server rejects
+that client and the round goes on.
 
 * **Top-k sparsification** (Aji & Heafield 2017, "Sparse Communication for Distributed Gradient
   Descent"; Lin et al. 2018, "Deep Gradient Compression"): per tensor, send only the ``k = round(
@@ -42,9 +46,9 @@ type that holds ``numel - 1`` (uint8 up to 256 entries, uint16 up to 65,536, the
 codes as uint8 for ``bits <= 8`` and uint16 up to 16 bits (no bit packing: 4-bit codes still take a
 byte -- packing them is an exercise); values and ``lo, s`` as float32 (float16 values would halve
 the values again but add their own rounding error; 16-bit models send 16-bit values). ``lo`` and
-``s`` share one array because every ``.npz`` array costs ``232 + 2 * len(key)`` bytes of headers
-(the zip64 local and central entries, which both hold the name, and a 128-byte ``.npy`` header), plus
-22 bytes per payload: at 1% density on the MNIST-1D MLP the headers, not the values, are most of the
+``s`` share one array because every entry costs header bytes in the safetensors JSON header (its
+dtype, shape, byte range, and its name in the metadata), on top of the payload's fixed header with
+its SHA-256 digest: at 1% density on the MNIST-1D MLP the headers, not the values, are most of the
 payload -- a point the chapter makes with the measured numbers.
 
 Randomness: the stochastic rounding of client ``c``'s ``n``-th call uses a ``torch.Generator``
@@ -58,16 +62,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from .fedavg import StateDict
+from .clients import RoundContext
+from .state import StateDict
+from .transforms import UpdateTransform
 
 __all__ = [
     "COMPRESSORS",
-    "Compressor",
     "NoCompression",
     "StochasticQuantizer",
     "TopK",
@@ -188,6 +192,11 @@ def quantize_stochastic(
     else:
         lo, hi = x.min(), x.max()
     scale = (hi - lo) / levels  # float32: exactly the lo/scale the receiver gets
+    if not bool(torch.isfinite(scale)):
+        raise ValueError(
+            f"cannot quantize values in [{float(lo):.3g}, {float(hi):.3g}]: their range overflows "
+            "float32, so no finite step between levels exists"
+        )
     # v in float64 so that 16-bit codes are not limited by float32's 24-bit mantissa
     v = (
         (x.double() - lo.double()) / scale.double()
@@ -226,30 +235,7 @@ def _work_float(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------- compressors
 
 
-@runtime_checkable
-class Compressor(Protocol):
-    """What :class:`~labsupport.fl.simulation.FedAvgSimulation` needs of a compressor."""
-
-    def compress(self, delta: Mapping[str, torch.Tensor], client: int) -> dict[str, torch.Tensor]:
-        """The payload (named tensors) that carries client ``client``'s update ``delta``."""
-        ...
-
-    def decompress(
-        self, payload: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]
-    ) -> StateDict:
-        """The server's estimate of the delta: the keys, shapes and dtypes of ``like``."""
-        ...
-
-    def state_dict(self) -> dict:
-        """Everything that changes across calls (residuals, call counts), for checkpoints."""
-        ...
-
-    def load_state_dict(self, state: Mapping) -> None:
-        """Restore :meth:`state_dict`'s result."""
-        ...
-
-
-class _EntryCompressor:
+class _EntryCompressor(UpdateTransform):
     """The shared loop: entry by entry, raw integer entries, error feedback, call counts, checks.
 
     A subclass names its ``parts`` and implements ``_encode`` (client side) and ``_decode`` (server
@@ -279,9 +265,19 @@ class _EntryCompressor:
     def _config(self) -> dict:
         return {"error_feedback": self.error_feedback, "seed": self.seed}
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
-        return f"{type(self).__name__}({args})"
+    def config(self) -> dict:
+        return {"name": type(self).__name__, **self._config()}
+
+    # ---- the update pipeline (labsupport.fl.transforms): compressors are transforms
+    def encode(
+        self, delta: Mapping[str, torch.Tensor], ctx: RoundContext
+    ) -> dict[str, torch.Tensor]:
+        return self.compress(delta, ctx.client_id)
+
+    def decode(
+        self, payload: Mapping[str, torch.Tensor], ctx: RoundContext, global_state: StateDict
+    ) -> dict[str, torch.Tensor]:
+        return self.decompress(payload, global_state)
 
     # ---- client side
     def compress(self, delta: Mapping[str, torch.Tensor], client: int) -> dict[str, torch.Tensor]:
@@ -370,9 +366,9 @@ class _EntryCompressor:
         return {
             "kind": type(self).__name__,
             "config": self._config(),
-            "calls": dict(self.calls),
+            "calls": {str(c): n for c, n in self.calls.items()},
             "residuals": {
-                c: {k: v.clone() for k, v in r.items()} for c, r in self.residuals.items()
+                str(c): {k: v.clone() for k, v in r.items()} for c, r in self.residuals.items()
             },
         }
 
@@ -385,6 +381,8 @@ class _EntryCompressor:
             )
         mine = (type(self).__name__, self._config())
         saved = (state["kind"], dict(state["config"]))
+        if not isinstance(state["calls"], Mapping) or not isinstance(state["residuals"], Mapping):
+            raise ValueError("compressor state: 'calls' and 'residuals' must be mappings")
         if saved != mine:
             raise ValueError(
                 f"compressor state was saved by {saved[0]}{saved[1]}; this is {mine[0]}{mine[1]}"
@@ -608,7 +606,7 @@ COMPRESSORS: dict[str, str] = {
 }
 
 
-def make_compressor(name: str, **kw: object) -> Compressor:
+def make_compressor(name: str, **kw: object) -> UpdateTransform:
     """A compressor by name (see :data:`COMPRESSORS`); ``kw`` go to its constructor.
 
     ``make_compressor("topk", fraction=0.01)``, ``make_compressor("quant8", seed=1)``.

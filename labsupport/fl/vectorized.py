@@ -1,7 +1,7 @@
 """Train many small-model FL clients at once: FedAvg's local updates vectorized with ``torch.func``.
 
 What it is. :func:`vectorized_local_updates` computes what a loop of
-:func:`labsupport.fl.fedavg.local_update` (plain SGD, no momentum) computes for ``C`` clients -- the
+:func:`labsupport.fl.clients.local_update` (plain SGD, no momentum) computes for ``C`` clients -- the
 same batches in the same order, the same mean cross-entropy per batch, the same update
 ``w <- w - lr * grad`` -- but takes each step for all clients in one batched call. It is per-model
 vectorization, as in functorch's "model ensembling" tutorial: every parameter gets a new leading
@@ -75,7 +75,7 @@ def batch_plan(
 
     Client ``c``'s batches are exactly those of :func:`labsupport.train.batch_indices` drawn from
     ``torch.Generator().manual_seed(seeds[c])``, one call per epoch with the same generator -- the
-    batch order of :func:`~labsupport.fl.fedavg.local_update`. ``S`` is the largest number of steps
+    batch order of :func:`~labsupport.fl.clients.local_update`. ``S`` is the largest number of steps
     of any client and ``b_max`` the largest batch. Returns ``(index, mask)``: ``index[c, s, j]`` is
     a sample index into client ``c``'s data (0 in padded slots) and ``mask[c, s, j]`` is True for a
     real sample, False for padding.
