@@ -4,7 +4,7 @@ One package serves every chapter (as d2l's ``d2l`` package does): the notebooks 
 it; the implementation lives here once.
 
 * :mod:`labsupport.data` -- datasets (MNIST-1D generated offline, digits, torchvision sets).
-* :mod:`labsupport.noniid` -- federated partitions (IID, Dirichlet, shards, quantity/feature skew).
+* :mod:`labsupport.partitions` -- federated partitions (IID, Dirichlet, shards, quantity/feature skew).
 * :mod:`labsupport.models` -- logistic regression, MLP, 1-D and 2-D CNNs.
 * :mod:`labsupport.train` -- centralized training/evaluation loops.
 * :mod:`labsupport.device` -- CUDA/MPS/CPU, Jetson, TensorRT; CPU thread settings.

@@ -17,7 +17,7 @@ One function, :func:`load_dataset`, returns any dataset the course uses as tenso
 The data directory is ``$LAB_DATA_DIR`` if set, else ``data/`` in the repository (or
 ``~/.cache/labsupport`` for a non-editable install).
 
-Every chapter starts here; the partitions of chapter 03 (:mod:`labsupport.noniid`) split these tensors
+Every chapter starts here; the partitions of chapter 03 (:mod:`labsupport.partitions`) split these tensors
 across clients.
 """
 
@@ -176,7 +176,14 @@ def load_dataset(
 
 
 def _mnist1d_cache(folder: Path, seed: int, num_samples: int, train_split: float) -> Path:
-    return folder / "mnist1d" / f"mnist1d_n{num_samples}_seed{seed}_split{train_split:g}.npz"
+    """The cache file, keyed exactly by every parameter that changes the data.
+
+    ``repr`` of a float round-trips exactly (``0.8`` and ``0.8000001`` are different files), where a
+    format such as ``:g`` would round them to the same name and serve one split for the other.
+    """
+    return (
+        folder / "mnist1d" / f"mnist1d_n{int(num_samples)}_seed{int(seed)}_split{float(train_split)!r}.npz"
+    )
 
 
 def _sha256(path: Path) -> str:

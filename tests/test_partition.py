@@ -1,4 +1,4 @@
-"""Behaviour of labsupport.noniid: coverage, sizes, class counts, determinism, validation, plots."""
+"""Behaviour of labsupport.partitions: coverage, sizes, class counts, determinism, validation, plots."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from labsupport.noniid import (
+from labsupport.partitions import (
     QUANTITY_KINDS,
     client_data,
     dirichlet,

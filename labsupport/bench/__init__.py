@@ -6,8 +6,10 @@ ratio. Each benchmark returns a :class:`Result`; :func:`run` writes it to
 ``results/bench/<name>.json`` as ``{"figures": {...}, "targets": {...}, "met": {...}}`` and prints a
 one-line summary last. ``python -m labsupport.report`` turns those files into the README's table.
 
-A benchmark is a function ``fn(smoke: bool) -> Result`` registered with :func:`benchmark` in one of
-the modules listed in ``_MODULES``.
+A benchmark is a function ``fn(smoke: bool) -> Result`` registered with :func:`benchmark` in any
+module of this package: :func:`load_all` imports every one of them, so a chapter adds a benchmark by
+adding a module. Benchmarks only measure; what they run (clients, rounds to a target, learning-rate
+search) lives in :mod:`labsupport.experiments` and the chapter packages, where the notebooks use it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib
 import json
 import math
 import os
+import pkgutil
 import platform
 import time
 from collections.abc import Callable
@@ -25,14 +28,6 @@ from pathlib import Path
 import torch
 
 __all__ = ["BENCHMARKS", "Result", "Target", "benchmark", "results_dir", "run"]
-
-_MODULES = [
-    "labsupport.bench.baselines",
-    "labsupport.bench.threads",
-    "labsupport.bench.fl",
-    "labsupport.bench.vectorized",
-    "labsupport.bench.flower",
-]
 
 
 @dataclass(frozen=True)
@@ -118,8 +113,10 @@ def benchmark(name: str, description: str, chapter: str = "") -> Callable:
 
 
 def load_all() -> dict[str, _Entry]:
-    for module in _MODULES:
-        importlib.import_module(module)
+    """Import every module of this package (each registers its benchmarks) and return the registry."""
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
     return BENCHMARKS
 
 

@@ -2,11 +2,14 @@
 
 * ``sim_overhead`` -- 10 clients x 1 local epoch on MNIST-1D, 20 rounds. Figure ``ratio`` = wall time
   of :class:`~labsupport.fl.FedAvgSimulation` ÷ wall time of the same local SGD steps in one bare loop
-  (same model, same batches, no server), evaluation excluded from both. Target <= 1.2.
+  (same model, same batches, no server), evaluation excluded from both. Target <= 1.1.
 * ``fedavg_vs_fedsgd`` -- McMahan et al. (2017), Table 2's question on MNIST-1D: rounds for FedSGD
-  (E=1, B=inf) and FedAvg (E=5, B=10) to reach 75% test accuracy with C=0.1 of 100 IID clients of
-  400 samples each (50,000 generated samples), each at its best learning rate from a small grid, as
-  the paper reports. Figure ``round_reduction`` = FedSGD rounds ÷ FedAvg rounds. Target >= 5.
+  (E=1, B=inf) and FedAvg (E=5, B=10) to reach 75% accuracy with C=0.1 of 100 IID clients (50,000
+  generated samples, 10% of the training set held out as validation), each at its best learning
+  rate from a small grid, as the paper reports. Rounds and the learning rate are measured and chosen
+  on the validation split (:func:`labsupport.experiments.tune_lr`), never on the test set; the test
+  accuracy at that round is reported beside them. Figure ``round_reduction`` = FedSGD rounds ÷ FedAvg
+  rounds. Target >= 5.
 """
 
 from __future__ import annotations
@@ -17,22 +20,12 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn.functional as F
 
-from labsupport.data import load_dataset
+from labsupport.experiments import mnist1d_clients, tune_lr
 from labsupport.fl import DataClient, FedAvgConfig, FedAvgSimulation, client_seed
 from labsupport.models import build_model
-from labsupport.noniid import partition
 from labsupport.train import batch_indices
 
 from . import Result, Target, benchmark
-
-
-def mnist1d_clients(
-    num_clients: int, scheme: str = "iid", seed: int = 0, *, num_samples: int = 5000, **kwargs
-) -> tuple[list[DataClient], tuple]:
-    """MNIST-1D's training set split over ``num_clients`` DataClients, and the test set."""
-    ds = load_dataset("mnist1d", num_samples=num_samples)
-    parts = partition(ds.y_train, num_clients, scheme, seed=seed, **kwargs)
-    return [DataClient(ds.x_train[p], ds.y_train[p]) for p in parts], (ds.x_test, ds.y_test)
 
 
 def _bare_loop(clients: list[DataClient], cfg: FedAvgConfig) -> float:
@@ -67,7 +60,7 @@ def _simulated(clients: list[DataClient], cfg: FedAvgConfig) -> float:
     chapter="01",
 )
 def sim_overhead(smoke: bool) -> Result:
-    clients, _ = mnist1d_clients(10)
+    clients, _, _ = mnist1d_clients(10)
     cfg = FedAvgConfig(
         num_rounds=3 if smoke else 20, fraction_train=1.0, local_epochs=1, batch_size=10, lr=0.05
     )
@@ -84,7 +77,7 @@ def sim_overhead(smoke: bool) -> Result:
     steps = cfg.num_rounds * sum(-(-c.num_samples // cfg.batch_size) for c in clients)
     return Result(
         figures,
-        {"ratio": Target("ratio", max=1.2)},
+        {"ratio": Target("ratio", max=1.1, note="the limit is 1.0: an empty pipeline must cost nothing")},
         details={"sgd_steps": steps, "rounds": cfg.num_rounds},
     )
 
@@ -99,45 +92,6 @@ FEDSGD_LRS = (1.0, 2.0, 4.0)  # the paper reports each configuration at its best
 FEDAVG_LRS = (0.05, 0.1, 0.2)
 
 
-def rounds_to_target(
-    clients: list[DataClient],
-    test: tuple,
-    cfg: FedAvgConfig,
-    target: float,
-    *,
-    model: str = "mlp",
-    progress: bool = False,
-    desc: str = "",
-) -> tuple[int | None, FedAvgSimulation]:
-    """Run ``cfg`` until the global model's test accuracy reaches ``target`` (or the rounds run out)."""
-    sim = FedAvgSimulation(build_model(model, seed=0), clients, test, cfg)
-    bar_step = max(cfg.eval_every, 10)
-    while sim.round < cfg.num_rounds:
-        sim.run(min(sim.round + bar_step, cfg.num_rounds), progress=progress, desc=desc)
-        if (reached := sim.history.rounds_to(target)) is not None:
-            return reached, sim
-    return None, sim
-
-
-def best_over_lrs(
-    clients: list[DataClient],
-    test: tuple,
-    cfg: FedAvgConfig,
-    lrs: tuple[float, ...],
-    target: float,
-    **kwargs,
-) -> tuple[int | None, float, dict[float, int | None]]:
-    """Rounds to ``target`` at the best of ``lrs``: ``(rounds, best_lr, rounds per lr)``."""
-    per_lr: dict[float, int | None] = {}
-    for lr in lrs:
-        per_lr[lr], _ = rounds_to_target(clients, test, replace(cfg, lr=lr), target, **kwargs)
-    reached = {lr: r for lr, r in per_lr.items() if r is not None}
-    if not reached:
-        return None, float("nan"), per_lr
-    best = min(reached, key=reached.get)
-    return reached[best], best, per_lr
-
-
 @benchmark(
     "fedavg_vs_fedsgd",
     "rounds to a target accuracy: FedSGD ÷ FedAvg (E=5, B=10), IID",
@@ -148,11 +102,22 @@ def fedavg_vs_fedsgd(smoke: bool) -> Result:
         num_samples, target, scale, lrs = 5000, 0.3, 10, ((2.0,), (0.1,))
     else:
         num_samples, target, scale, lrs = TABLE2_SAMPLES, TABLE2_TARGET, 1, (FEDSGD_LRS, FEDAVG_LRS)
-    clients, test = mnist1d_clients(100, num_samples=num_samples)
+    clients, test, val = mnist1d_clients(100, num_samples=num_samples, validation=0.1)
     fedsgd_cfg = replace(FEDSGD, num_rounds=FEDSGD.num_rounds // scale, vectorized=True)
     fedavg_cfg = replace(FEDAVG, num_rounds=FEDAVG.num_rounds // scale, vectorized=True)
-    fedsgd, fedsgd_lr, fedsgd_all = best_over_lrs(clients, test, fedsgd_cfg, lrs[0], target)
-    fedavg, fedavg_lr, fedavg_all = best_over_lrs(clients, test, fedavg_cfg, lrs[1], target)
+    fedsgd_lr, fedsgd_runs = tune_lr(clients, val, fedsgd_cfg, lrs[0], target, test=test)
+    fedavg_lr, fedavg_runs = tune_lr(clients, val, fedavg_cfg, lrs[1], target, test=test)
+    fedsgd = fedsgd_runs[fedsgd_lr].rounds if fedsgd_lr is not None else None
+    fedavg = fedavg_runs[fedavg_lr].rounds if fedavg_lr is not None else None
+    fedsgd_all = {lr: r.rounds for lr, r in fedsgd_runs.items()}
+    fedavg_all = {lr: r.rounds for lr, r in fedavg_runs.items()}
+    test_acc = {
+        name: runs[lr].test_accuracy if lr is not None else None
+        for name, runs, lr in (
+            ("fedsgd", fedsgd_runs, fedsgd_lr),
+            ("fedavg", fedavg_runs, fedavg_lr),
+        )
+    }
     # A run that never reaches the target counts as its budget: the reduction is then a bound.
     reduction = (fedsgd or fedsgd_cfg.num_rounds) / (fedavg or fedavg_cfg.num_rounds)
     figures = {
@@ -164,11 +129,13 @@ def fedavg_vs_fedsgd(smoke: bool) -> Result:
         figures,
         {
             "round_reduction": Target(
-                "round_reduction", min=5, note=f"to {100 * target:.0f}% test accuracy"
+                "round_reduction", min=5, note=f"to {100 * target:.0f}% validation accuracy"
             )
         },
         details={
             "target_accuracy": target,
+            "target_measured_on": "validation (10% of the training set)",
+            "test_accuracy_at_target": test_acc,
             "num_samples": num_samples,
             "fedsgd": {
                 "best_lr": fedsgd_lr,

@@ -183,7 +183,7 @@ def _as_parts(parts: PartsLike, n: int, what: str, *, disjoint: bool = False) ->
 def _flwr_partitioners():
     """Import ``flwr_datasets.partitioner`` (and ``datasets``) offline, on first use only.
 
-    Importing ``datasets`` takes a couple of seconds, so ``import labsupport.noniid`` stays fast and
+    Importing ``datasets`` takes a couple of seconds, so ``import labsupport.partitions`` stays fast and
     pays for it only when a flwr-backed scheme runs. The partitioners work on an in-memory dataset
     and need no network; the variables keep ``datasets`` from trying the Hub.
     """

@@ -1,9 +1,9 @@
-"""Federated partitions (chapter 03, and the FL simulations of chapter 01).
+"""Federated partitions: how every chapter splits a dataset across simulated clients (IID and skewed).
 
-See :mod:`labsupport.noniid.partition` for the schemes and the papers they come from.
+See :mod:`labsupport.partitions.partition` for the schemes and the papers they come from.
 """
 
-from labsupport.noniid.partition import (
+from labsupport.partitions.partition import (
     QUANTITY_KINDS,
     SCHEMES,
     client_data,

@@ -1,0 +1,144 @@
+"""What the notebooks run, as functions: clients from a partition, validation splits, rounds to a
+target, and learning-rate search -- every choice made on a validation split, never on the test set.
+
+STYLE.md's rule 7 (and the reason for this module): a learning rate or a round budget chosen by
+looking at test accuracy makes the test accuracy an optimistic estimate. Here the training data is
+split into *train* and *validation* (:func:`validation_split`); :func:`tune_lr` picks the learning
+rate that reaches the target in the fewest rounds *on validation*, and :func:`rounds_to_target`
+records validation and test accuracy side by side so a notebook reports test numbers for a choice
+it made without them. ``labsupport.bench`` only measures; it calls these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from labsupport.data import load_dataset
+from labsupport.fl import DataClient, FedAvgConfig, FedAvgSimulation, History
+from labsupport.models import build_model
+from labsupport.partitions import partition
+from labsupport.train import evaluate
+
+__all__ = [
+    "RunToTarget",
+    "clients_from_parts",
+    "mnist1d_clients",
+    "rounds_to_target",
+    "tune_lr",
+    "validation_split",
+]
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def validation_split(
+    x: torch.Tensor, y: torch.Tensor, fraction: float = 0.1, seed: int = 0
+) -> tuple[Split, Split]:
+    """Carve a random ``fraction`` of ``(x, y)`` out as validation: ``((x_tr, y_tr), (x_val, y_val))``."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    n_val = max(1, round(fraction * len(y)))
+    if n_val >= len(y):
+        raise ValueError(f"{len(y)} samples are too few for a validation fraction of {fraction}")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    val, tr = order[:n_val], order[n_val:]
+    return (x[tr], y[tr]), (x[val], y[val])
+
+
+def clients_from_parts(x: torch.Tensor, y: torch.Tensor, parts: Sequence) -> list[DataClient]:
+    """One :class:`~labsupport.fl.DataClient` per index array of a partition."""
+    return [DataClient(x[p], y[p]) for p in parts]
+
+
+def mnist1d_clients(
+    num_clients: int,
+    scheme: str = "iid",
+    seed: int = 0,
+    *,
+    num_samples: int = 5000,
+    validation: float | None = None,
+    **kwargs,
+) -> tuple[list[DataClient], Split, Split | None]:
+    """MNIST-1D over ``num_clients`` clients: ``(clients, test, validation or None)``.
+
+    With ``validation=f`` a fraction ``f`` of the training set is held out first (the server's
+    validation data for choices), and the rest is partitioned.
+    """
+    ds = load_dataset("mnist1d", num_samples=num_samples)
+    x, y, val = ds.x_train, ds.y_train, None
+    if validation is not None:
+        (x, y), val = validation_split(x, y, validation, seed)
+    parts = partition(y, num_clients, scheme, seed=seed, **kwargs)
+    return clients_from_parts(x, y, parts), (ds.x_test, ds.y_test), val
+
+
+@dataclass
+class RunToTarget:
+    """A run stopped at a target: rounds to it on validation (None if never) and the history,
+    whose records carry ``extra["test_accuracy"]`` beside the validation ``accuracy``."""
+
+    rounds: int | None
+    history: History
+    simulation: FedAvgSimulation
+
+    @property
+    def test_accuracy(self) -> float | None:
+        _, acc = self.history.evaluated("test_accuracy")
+        return acc[-1] if acc else None
+
+
+def rounds_to_target(
+    clients: list[DataClient],
+    validation: Split,
+    cfg: FedAvgConfig,
+    target: float,
+    *,
+    test: Split | None = None,
+    model: str = "mlp",
+    progress: bool = False,
+    desc: str = "",
+) -> RunToTarget:
+    """Run ``cfg`` until the global model's *validation* accuracy reaches ``target`` (or the rounds
+    run out); with ``test``, every evaluated round also records test accuracy in ``extra``."""
+    sim = FedAvgSimulation(build_model(model, seed=cfg.seed), clients, validation, cfg)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.num_rounds, desc=desc, disable=not progress)
+    reached = None
+    while sim.round < cfg.num_rounds:
+        last = sim.round + 1 == cfg.num_rounds
+        record = sim.run_round(evaluate_now=True if last else None)
+        bar.update(1)
+        if record.accuracy is not None:
+            if test is not None:
+                record.extra["test_accuracy"] = evaluate(sim.global_model(), *test)["accuracy"]
+            bar.set_postfix(val=f"{record.accuracy:.3f}")
+            if record.accuracy >= target:
+                reached = record.round
+                break
+    bar.close()
+    return RunToTarget(reached, sim.history, sim)
+
+
+def tune_lr(
+    clients: list[DataClient],
+    validation: Split,
+    cfg: FedAvgConfig,
+    lrs: Sequence[float],
+    target: float,
+    **kwargs,
+) -> tuple[float | None, dict[float, RunToTarget]]:
+    """The learning rate of ``lrs`` that reaches ``target`` on *validation* in the fewest rounds.
+
+    Returns ``(best_lr or None if none reached it, {lr: run})``; ties go to the smaller rate.
+    """
+    runs = {
+        lr: rounds_to_target(clients, validation, replace(cfg, lr=lr), target, **kwargs)
+        for lr in lrs
+    }
+    reached = {lr: r.rounds for lr, r in runs.items() if r.rounds is not None}
+    best = min(reached, key=lambda lr: (reached[lr], lr)) if reached else None
+    return best, runs
