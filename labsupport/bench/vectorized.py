@@ -15,6 +15,12 @@ Figures:
   ``speedup`` = sequential ÷ vectorized (target >= 10).
 * ``max_param_diff`` -- the largest difference between the two ways' client models in the timed round
   (the same computation: float rounding only).
+* ``speedup_1000`` (and ``sequential_s_1000`` / ``vectorized_s_1000``) -- one round with 1,000 clients
+  of the same size (40 samples each, from 50,000 generated signals): how the cost of each way grows
+  with the federation (200 clients in smoke mode).
+* ``round_peak_mb_<way>_<clients>`` -- how far one round raises the peak resident memory of a fresh
+  process that has loaded the data (``ru_maxrss`` after minus RSS before, Linux): the vectorized way
+  holds every client's copy of the model, its gradients and its batch at once.
 * ``accuracy_sequential`` / ``accuracy_vectorized`` / ``accuracy_gap`` -- test accuracy (percent) of
   the global model after 30 FedAvg rounds (2 in smoke mode) of
   :class:`~labsupport.fl.server.FedAvgSimulation` with all 100 clients, ``vectorized=False`` and
@@ -25,6 +31,8 @@ Figures:
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import torch
@@ -137,6 +145,19 @@ def run(smoke: bool) -> Result:
         vectorized.append(vec_s)
         diffs.append(diff)
 
+    # How cost grows with the federation: one round of 1,000 clients of the same size (40 samples),
+    # and the peak memory of each way, each measured in a fresh process.
+    big = 1000 if not smoke else 200
+    big_ds = load_dataset("mnist1d", num_samples=50_000 if not smoke else 10_000)
+    big_data = iid_clients(big_ds.x_train, big_ds.y_train, big, seed=SEED)[:big]
+    _time_rounds(model, global_state, big_data[:50], 1)
+    seq_big, vec_big, _ = _time_rounds(model, global_state, big_data, 1)
+    memory = {
+        f"round_peak_mb_{mode}_{n}": _peak_rss_mb(mode, n, smoke)
+        for n in (NUM_CLIENTS, big)
+        for mode in ("sequential", "vectorized")
+    }
+
     acc_seq, sim_seq_s = _fedavg_accuracy(data, (ds.x_test, ds.y_test), rounds, vectorized=False)
     acc_vec, sim_vec_s = _fedavg_accuracy(data, (ds.x_test, ds.y_test), rounds, vectorized=True)
 
@@ -148,6 +169,10 @@ def run(smoke: bool) -> Result:
         "accuracy_sequential": round(acc_seq, 2),
         "accuracy_vectorized": round(acc_vec, 2),
         "accuracy_gap": round(acc_vec - acc_seq, 2),
+        f"speedup_{big}": round(seq_big / vec_big, 2),
+        f"sequential_s_{big}": round(seq_big, 4),
+        f"vectorized_s_{big}": round(vec_big, 4),
+        **memory,
     }
     targets = {
         "speedup": Target("speedup", min=10.0, note="one round's local training, 100 clients"),
@@ -169,3 +194,45 @@ def run(smoke: bool) -> Result:
         "fedavg_seconds": {"sequential": round(sim_seq_s, 2), "vectorized": round(sim_vec_s, 2)},
     }
     return Result(figures, targets, details)
+
+
+def _one_round_in_this_process(mode: str, num_clients: int, smoke: bool) -> float:
+    """Run one round ``mode``'s way; return how far it raised this process's peak RSS (MB)."""
+    import resource
+
+    import psutil
+
+    ds = load_dataset("mnist1d", num_samples=(50_000 if not smoke else 10_000))
+    data = iid_clients(ds.x_train, ds.y_train, num_clients, seed=SEED)
+    model = build_model("mlp", (40,), 10, seed=SEED)
+    state = clone_state(model.state_dict())
+    seeds = [client_seed(SEED, 1, c) for c in range(num_clients)]
+
+    def one_round(clients: list[ClientData]) -> None:
+        if mode == "sequential":
+            for (x, y), s in zip(clients, seeds, strict=False):
+                local_update(model, state, x, y, TRAIN, seed=s)
+        else:
+            vectorized_local_updates(
+                model, state, clients, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR,
+                seeds=seeds[: len(clients)],
+            )  # fmt: skip
+
+    one_round(data[:2])  # warm-up: the first step's lazy allocations are the runtime's, not ours
+    before = psutil.Process().memory_info().rss / 2**20
+    one_round(data)
+    return max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+
+
+def _peak_rss_mb(mode: str, num_clients: int, smoke: bool) -> float:
+    """How much one round ``mode``'s way raises the peak resident memory (MB) of a fresh process
+    that has already loaded the data (so the runtime's own memory is not counted)."""
+    code = (
+        "import torch, torch.func; torch.set_num_threads(1);"
+        "from labsupport.bench.vectorized import _one_round_in_this_process as f;"
+        f"print(f({mode!r}, {num_clients}, {smoke}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
+    return round(float(out.stdout.strip().splitlines()[-1]), 1)
