@@ -135,7 +135,7 @@ def local_update(
     seed: int = 0,
     **hooks: Any,
 ) -> tuple[StateDict, TrainResult]:
-    """ClientUpdate of Algorithm 1: load ``global_state`` into ``model``, train, return a copy.
+    """ClientUpdate of Algorithm 1: load ``global_state`` into ``model``, train, return a CPU copy.
 
     ``hooks`` are passed to :func:`labsupport.train.train` (``loss_fn``, ``penalty``, ``grad_hook``,
     ``batch_sampler``, ``device``).
@@ -153,7 +153,7 @@ def local_update(
         generator=torch.Generator().manual_seed(seed),
         **{k: v for k, v in hooks.items() if v is not None},
     )
-    return clone_state(model.state_dict()), result
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, result
 
 
 @dataclass
@@ -216,6 +216,19 @@ def _is_plain_data_client(client: object) -> bool:
     return type(client) is DataClient
 
 
+def _copy_to_cpu(state: object, cid: int) -> StateDict:
+    """A detached CPU copy of a reply's state, taken before it is validated: a client that keeps
+    mutating the tensors it returned cannot change what the server checked and accepted."""
+    if not isinstance(state, Mapping):
+        raise UpdateRejected(f"update is a {type(state).__name__}; expected a state dict", cid)
+    out = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise UpdateRejected(f"{k!r} is a {type(v).__name__}; expected a tensor", cid)
+        out[k] = v.detach().to("cpu", copy=True)
+    return out
+
+
 def fit_or_reject(
     client: Client,
     scratch: nn.Module,
@@ -233,19 +246,21 @@ def fit_or_reject(
     :func:`~labsupport.fl.state.validate_update` -- logged, never fatal to the run.
     """
     cid = ctx.client_id
-    model = scratch if _is_plain_data_client(client) else copy.deepcopy(scratch)
+    ours = _is_plain_data_client(client)  # our own code: it copies what it loads and returns
+    model = scratch if ours else copy.deepcopy(scratch)
     try:
-        reply = client.fit(model, clone_state(global_state), ctx, config)
+        reply = client.fit(model, global_state if ours else clone_state(global_state), ctx, config)
         if not isinstance(reply, FitReply):
             raise UpdateRejected(f"fit returned a {type(reply).__name__}; expected a FitReply", cid)
-        validate_update(global_state, reply.state, reply.num_samples, client=cid)
+        state = reply.state if ours else _copy_to_cpu(reply.state, cid)
+        validate_update(global_state, state, reply.num_samples, client=cid)
         metrics = reply.metrics if isinstance(reply.metrics, Mapping) else {}
         clean = {
             str(k): float(v)
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        accepted = FitReply(clone_state(reply.state), float(reply.num_samples), clean, cid)
+        accepted = FitReply(state, float(reply.num_samples), clean, cid)
     except Exception as exc:
         reason = exc.reason if isinstance(exc, UpdateRejected) else f"raised {exc!r}"
         logger.warning("round %d: rejected client %d: %s", ctx.server_round, cid, reason)

@@ -54,6 +54,7 @@ from .state import (
     StateDict,
     UpdateRejected,
     apply_delta,
+    check_weight,
     clone_state,
     state_delta,
     validate_update,
@@ -231,8 +232,7 @@ class FedAvgSimulation:
                 rejected[cid] = reply.reason
                 continue
             try:
-                weight = self.count_policy.weight(cid, reply.num_samples)
-                validate_update(self.global_state, reply.state, weight, client=cid)
+                weight = check_weight(self.count_policy.weight(cid, reply.num_samples), cid)
                 if weight != reply.num_samples:
                     reweighted[str(cid)] = [reply.num_samples, weight]
                 reply = FitReply(reply.state, weight, reply.metrics, cid)

@@ -35,6 +35,7 @@ __all__ = [
     "UpdateRejected",
     "aggregate",
     "apply_delta",
+    "check_weight",
     "clone_state",
     "mix_states",
     "normalized_weights",
@@ -81,7 +82,8 @@ def apply_delta(
     }
 
 
-def _check_weight(weight: object, client: object) -> float:
+def check_weight(weight: object, client: object = None) -> float:
+    """``weight`` as a float if it is a finite number > 0; else :class:`UpdateRejected`."""
     if not isinstance(weight, (int, float, np.integer, np.floating)) or isinstance(weight, bool):
         raise UpdateRejected(
             f"weight {weight!r} is not a number; expected the sample count", client
@@ -103,7 +105,7 @@ def validate_update(
     Checks: a mapping with exactly the global model's keys; every entry a dense tensor of the same
     shape and dtype; floating entries finite; ``weight`` (the sample count) a finite number > 0.
     """
-    _check_weight(weight, client)
+    check_weight(weight, client)
     if not isinstance(update, Mapping):
         raise UpdateRejected(f"update is a {type(update).__name__}; expected a state dict", client)
     missing = [k for k in global_state if k not in update]
