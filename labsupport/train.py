@@ -13,7 +13,7 @@ these labs its per-batch overhead costs more than the model). Determinism comes 
   - ``grad_hook(model)`` runs after ``backward()`` and before the optimizer step, and may rewrite
     the ``.grad`` of every parameter (SCAFFOLD's correction, chapter 03; per-sample clipping and
     noise, chapter 02);
-  - ``batch_sampler(n, generator) -> iterable of index tensors`` is one epoch of batches (Poisson
+  - ``batch_sampler(n, generator=...) -> iterable of index tensors`` is one epoch of batches (Poisson
     sampling for DP-SGD, :func:`poisson_batches`); the default is :func:`batch_indices`;
   - ``device``: the data is moved there batch by batch (the model must already be there,
     :func:`labsupport.device.get_device` honours ``LAB_DEVICE``).
@@ -150,7 +150,7 @@ def train(
         if isinstance(optimizer, torch.optim.Optimizer)
         else make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     )
-    sampler = batch_sampler or (lambda n, gen: batch_indices(n, batch_size, gen))
+    sampler = batch_sampler or (lambda n, generator: batch_indices(n, batch_size, generator))
     dev = torch.device(device) if device is not None else None
     model.train()
     total_samples, done = 0, 0
@@ -158,7 +158,7 @@ def train(
     batch_sizes: list[int] = []
     epoch = 0
     while epochs is None or epoch < epochs:
-        for idx in sampler(len(x), generator):
+        for idx in sampler(len(x), generator=generator):
             if steps is not None and done >= steps:
                 break
             xb, yb = x[idx], y[idx]
@@ -167,7 +167,11 @@ def train(
             if len(idx) == 0:  # an empty Poisson batch: no data term
                 loss = sum(p.sum() * 0.0 for p in model.parameters())
             else:
-                loss = loss_fn(model, xb, yb) if loss_fn is not None else F.cross_entropy(model(xb), yb)
+                loss = (
+                    loss_fn(model, xb, yb)
+                    if loss_fn is not None
+                    else F.cross_entropy(model(xb), yb)
+                )
             if penalty is not None:
                 loss = loss + penalty(model)
             opt.zero_grad(set_to_none=True)

@@ -213,7 +213,8 @@ class DataClient:
 
 
 def _is_plain_data_client(client: object) -> bool:
-    return type(client) is DataClient
+    """Our own code with no foreign hook: trusted to leave the scratch model as it found it."""
+    return type(client) is DataClient and client.plain
 
 
 def _copy_to_cpu(state: object, cid: int) -> StateDict:
@@ -238,15 +239,16 @@ def fit_or_reject(
 ) -> FitReply | Rejection:
     """Run ``client.fit`` on copies of what it is handed and validate its reply against ``global_state``.
 
-    A plain :class:`DataClient` (our own code) trains in ``scratch``; any other client gets a deep copy
-    of it, so a client that rewires the model it was handed cannot affect the next one. The reply's
+    A plain :class:`DataClient` (our own code, no hooks) trains in ``scratch``; any other client --
+    a hooked ``DataClient`` included, since a hook can freeze or rewire layers -- gets a deep copy of
+    it, so a client that changes the model it was handed cannot affect the next one. The reply's
     state is copied before it is accepted (a client that returns a live ``state_dict()`` of a model it
     keeps cannot change it later). Returns a :class:`FitReply` (with ``client`` set to the id the
     server knows it by), or a :class:`Rejection` when the client raised or its reply failed
     :func:`~labsupport.fl.state.validate_update` -- logged, never fatal to the run.
     """
     cid = ctx.client_id
-    ours = _is_plain_data_client(client)  # our own code: it copies what it loads and returns
+    ours = _is_plain_data_client(client)  # copies what it loads and returns, rewires nothing
     model = scratch if ours else copy.deepcopy(scratch)
     try:
         reply = client.fit(model, global_state if ours else clone_state(global_state), ctx, config)

@@ -66,6 +66,8 @@ __all__ = ["CHECKPOINT_NAME", "FedAvgConfig", "FedAvgSimulation"]
 logger = logging.getLogger("labsupport.fl")
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+#: The id the server's own (client-independent) randomness is derived with: no client has it.
+SERVER_ID = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -189,13 +191,15 @@ class FedAvgSimulation:
 
     # ------------------------------------------------------------------------------- the round
     def _context(self, cid: int, selected: list[int], instructions: dict) -> RoundContext:
+        """Client ``cid``'s context. Instructions are deep-copied for every client: what one client
+        does to them reaches neither the next client nor the aggregator's own state."""
         server_round = self.round + 1
         return RoundContext(
             server_round=server_round,
             client_id=cid,
             seed=client_seed(self.config.seed, server_round, cid),
             cohort=tuple(selected),
-            instructions=instructions,
+            instructions=copy.deepcopy(instructions),
         )
 
     def _through_pipeline(self, reply: FitReply, ctx: RoundContext) -> tuple[FitReply | dict, int]:
@@ -304,7 +308,9 @@ class FedAvgSimulation:
             mean = self.pipeline.transforms[-1].aggregate_payloads(
                 payloads, weights, server_round, g
             )
-            ctx = RoundContext(server_round, -1, client_seed(self.config.seed, server_round, -1))
+            ctx = RoundContext(
+                server_round, SERVER_ID, client_seed(self.config.seed, server_round, SERVER_ID)
+            )
             mean = self.pipeline.decode(mean, ctx, g, skip_last=True)
             new = apply_delta(g, mean)
         else:
@@ -336,9 +342,12 @@ class FedAvgSimulation:
         else:
             logger.warning("round %d: no valid update; the global model is kept", server_round)
         losses = [(r.metrics["loss"], r.num_samples) for r in accepted if "loss" in r.metrics]
-        train_loss = (
-            sum(loss * w for loss, w in losses) / sum(w for _, w in losses) if losses else None
-        )
+        train_loss = None
+        if losses:  # weights scaled by their maximum first: counts near 1e308 cannot overflow
+            top = max(w for _, w in losses)
+            train_loss = sum(loss * (w / top) for loss, w in losses) / sum(
+                w / top for _, w in losses
+            )
         self.round = server_round
         eval_start = time.perf_counter()
         acc = loss = None

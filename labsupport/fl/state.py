@@ -141,24 +141,44 @@ def validate_update(
 def _mix_integers(
     stacked: list[torch.Tensor], row: Sequence[Fraction], dtype: torch.dtype
 ) -> torch.Tensor:
-    """``round(sum_j row[j] * stacked[j])`` exactly (rationals; ties to even), in ``dtype``."""
+    """``round(sum_j row[j] * stacked[j])`` exactly (rationals; ties to even), in ``dtype``.
+
+    ``row`` sums to exactly 1, so the result lies between the smallest and largest input and fits
+    ``dtype``; the clamp only guards a caller's row that does not.
+    """
     shape = stacked[0].shape
+    info = torch.iinfo(dtype)
     values = [t.reshape(-1).tolist() for t in stacked]
     out = []
     for column in zip(*values, strict=True):
         total = sum((w * v for w, v in zip(row, column, strict=True) if w), Fraction(0))
-        out.append(round(total))  # Fraction.__round__: exact, half to even
+        out.append(min(max(round(total), info.min), info.max))  # round(): exact, half to even
     return torch.tensor(out, dtype=dtype).reshape(shape)
 
 
+def _exact_rows(weights: torch.Tensor | Sequence[Sequence[float]]) -> list[list[Fraction]]:
+    """Each row as exact fractions of its own sum (the float weights as given, then normalized)."""
+    rows = weights.tolist() if isinstance(weights, torch.Tensor) else [list(r) for r in weights]
+    exact = []
+    for row in rows:
+        fr = [Fraction(float(v)) for v in row]
+        total = sum(fr, Fraction(0))
+        exact.append([v / total for v in fr] if total else fr)
+    return exact
+
+
 def mix_states(
-    states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    *,
+    raw_weights: Sequence[Sequence[float]] | None = None,
 ) -> list[StateDict]:
     """Weighted combinations of state dicts: output ``i`` is ``sum_j weights[i, j] * states[j]``.
 
     The one mixing rule shared by FedAvg (one row of normalized sample counts) and gossip (a mixing
     matrix, :mod:`labsupport.fl.gossip`). Rows are expected to sum to 1. Dtypes are handled as the
-    module docstring says.
+    module docstring says; integer entries use ``raw_weights`` (the weights before float
+    normalization, e.g. the sample counts) when given, as exact fractions of each row's sum.
     """
     w = weights.to(torch.float64)
     out: list[StateDict] = [{} for _ in range(w.shape[0])]
@@ -167,7 +187,7 @@ def mix_states(
         if ref.dtype == torch.bool or not (ref.is_floating_point() or ref.is_complex()):
             if ref.dtype != torch.bool:
                 if exact_rows is None:
-                    exact_rows = [[Fraction(float(v)) for v in row] for row in w.tolist()]
+                    exact_rows = _exact_rows(raw_weights if raw_weights is not None else w)
                 parts = [s[key].detach() for s in states]
                 for i, row in enumerate(exact_rows):
                     out[i][key] = _mix_integers(parts, row, ref.dtype)
@@ -201,4 +221,6 @@ def aggregate(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[fl
         raise ValueError("cannot aggregate an empty round: no client updates were given")
     if len(states) != len(weights):
         raise ValueError(f"got {len(states)} states but {len(weights)} weights")
-    return mix_states(states, normalized_weights(weights)[None, :])[0]
+    return mix_states(
+        states, normalized_weights(weights)[None, :], raw_weights=[[float(v) for v in weights]]
+    )[0]

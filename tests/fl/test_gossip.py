@@ -1,46 +1,21 @@
-"""Tests of labsupport.fl.decentralized: graphs, mixing matrices, gossip and the simulation."""
+"""Decentralized FL (labsupport.fl.gossip): gossip steps, consensus distance, and the simulation."""
 
 from __future__ import annotations
 
-import networkx as nx
 import numpy as np
 import pytest
 import torch
 
-from labsupport.device import set_threads
-from labsupport.fl import (
-    DataClient,
-    FedAvgConfig,
-    FedAvgSimulation,
-    client_seed,
-    local_update,
-    payload_nbytes,
-)
-from labsupport.fl.decentralized import (
-    DecentralizedSimulation,
-    as_adjacency,
-    check_mixing_matrix,
-    consensus_distance,
-    fully_connected,
-    gossip_average,
-    mixing_matrix,
-    random_regular,
-    ring,
-    spectral_gap,
-    star,
-    torus,
-)
+from labsupport.fl.clients import DataClient, FitReply, TrainConfig, local_update
+from labsupport.fl.gossip import GossipSimulation, consensus_distance, gossip_average
+from labsupport.fl.graphs import fully_connected, mixing_matrix, random_regular, ring, star, torus
+from labsupport.fl.selection import client_seed
+from labsupport.fl.serialize import payload_nbytes
+from labsupport.fl.server import FedAvgConfig, FedAvgSimulation
 from labsupport.models import build_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    set_threads(1)
-
 
 GRAPHS = {
     "ring16": lambda: ring(16),
-    "ring2": lambda: ring(2),
     "random_regular16_4": lambda: random_regular(16, 4, seed=0),
     "complete16": lambda: fully_connected(16),
     "torus4x4": lambda: torus(4, 4),
@@ -77,76 +52,6 @@ def random_states(
         {"w": torch.randn(7, 5, generator=g).to(dtype), "b": torch.randn(3, generator=g).to(dtype)}
         for _ in range(n)
     ]
-
-
-# --------------------------------------------------------------------------- graphs and W
-@pytest.mark.parametrize("kind", ["metropolis", "max_degree"])
-@pytest.mark.parametrize("name", list(GRAPHS))
-def test_mixing_matrix_is_symmetric_doubly_stochastic_and_follows_the_graph(
-    name: str, kind: str
-) -> None:
-    a = GRAPHS[name]()
-    w = mixing_matrix(a, kind)
-    np.testing.assert_allclose(w, w.T, atol=1e-15)
-    np.testing.assert_allclose(w.sum(axis=0), 1.0, atol=1e-12)
-    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
-    assert (w >= 0).all()
-    off_graph = ~a & ~np.eye(len(a), dtype=bool)
-    assert (w[off_graph] == 0).all()
-    assert (w[a] > 0).all()
-    assert spectral_gap(w) > 0  # every graph here is connected
-
-
-def test_metropolis_weights_on_a_star_match_the_hand_worked_values() -> None:
-    # hub degree 3, leaves degree 1: W_hub,leaf = 1/(1+3), W_hub,hub = 1/4, W_leaf,leaf = 3/4
-    expected = np.array(
-        [[0.25, 0.25, 0.25, 0.25], [0.25, 0.75, 0, 0], [0.25, 0, 0.75, 0], [0.25, 0, 0, 0.75]]
-    )
-    np.testing.assert_allclose(mixing_matrix(star(4)), expected, atol=1e-15)
-
-
-def test_graphs_have_the_expected_degrees_and_match_networkx() -> None:
-    assert (ring(16).sum(axis=1) == 2).all()
-    assert (random_regular(16, 4, seed=3).sum(axis=1) == 4).all()
-    assert (fully_connected(16).sum(axis=1) == 15).all()
-    assert (torus(4, 5).sum(axis=1) == 4).all()
-    assert nx.is_isomorphic(nx.from_numpy_array(ring(9).astype(int)), nx.cycle_graph(9))
-    grid = nx.grid_2d_graph(4, 5, periodic=True)
-    assert nx.is_isomorphic(nx.from_numpy_array(torus(4, 5).astype(int)), grid)
-    np.testing.assert_array_equal(as_adjacency(nx.cycle_graph(9)), ring(9))
-
-
-def test_complete_graph_metropolis_weights_are_the_exact_average() -> None:
-    np.testing.assert_allclose(
-        mixing_matrix(fully_connected(7)), np.full((7, 7), 1 / 7), atol=1e-15
-    )
-    assert spectral_gap(mixing_matrix(fully_connected(7))) == pytest.approx(1.0, abs=1e-12)
-
-
-def test_spectral_gap_orders_ring_below_random_regular_below_complete() -> None:
-    gaps = [
-        spectral_gap(mixing_matrix(a))
-        for a in (ring(16), random_regular(16, 4, seed=0), fully_connected(16))
-    ]
-    assert 0 < gaps[0] < gaps[1] < gaps[2]
-    assert gaps[2] == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("n", [3, 8, 16, 25])
-def test_ring_spectrum_matches_the_closed_form(n: int) -> None:
-    w = mixing_matrix(ring(n))
-    k = np.arange(n)
-    closed_form = 1 / 3 + 2 / 3 * np.cos(2 * np.pi * k / n)
-    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(w)), np.sort(closed_form), atol=1e-12)
-    lam2 = np.sort(np.abs(closed_form))[::-1][1]
-    assert spectral_gap(w) == pytest.approx(1 - lam2, abs=1e-12)
-
-
-def test_spectral_gap_is_zero_when_the_graph_is_disconnected() -> None:
-    two_edges = np.zeros((4, 4), dtype=bool)
-    two_edges[0, 1] = two_edges[1, 0] = two_edges[2, 3] = two_edges[3, 2] = True
-    assert spectral_gap(mixing_matrix(two_edges)) == pytest.approx(0.0, abs=1e-12)
-    assert spectral_gap(np.eye(5)) == 0.0
 
 
 # -------------------------------------------------------------------------------- gossip
@@ -223,28 +128,13 @@ def test_consensus_distance_matches_numpy_and_ignores_integer_entries() -> None:
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda: ring(1), ValueError, "n >= 2"),
-        (lambda: fully_connected(0), ValueError, "n >= 2"),
-        (lambda: ring(4.0), TypeError, "integer"),
-        (lambda: random_regular(8, 8), ValueError, r"degree must be in \[1, n-1\]"),
-        (lambda: random_regular(8, 0), ValueError, "degree must be in"),
-        (lambda: random_regular(5, 3), ValueError, "odd"),
-        (lambda: random_regular(6, 1, seed=0), ValueError, "disconnected.*another seed"),
-        (lambda: torus(2, 4), ValueError, "rows >= 3"),
-        (lambda: mixing_matrix(ring(4), kind="uniform"), ValueError, "unknown mixing matrix kind"),
-        (lambda: mixing_matrix(np.triu(fully_connected(3))), ValueError, "symmetric"),
-        (lambda: mixing_matrix(np.ones((3, 3), dtype=bool)), ValueError, "self-loop"),
-        (lambda: mixing_matrix(np.full((3, 3), 2)), ValueError, "0/1"),
-        (lambda: mixing_matrix(np.zeros((3, 4), dtype=bool)), ValueError, "square"),
-        (lambda: check_mixing_matrix(np.full((3, 3), 0.5)), ValueError, "doubly stochastic"),
-        (lambda: check_mixing_matrix(np.array([[0.5, 0.5], [0.4, 0.6]])), ValueError, "symmetric"),
-        (
-            lambda: check_mixing_matrix(np.array([[1.5, -0.5], [-0.5, 1.5]])),
-            ValueError,
-            "nonnegative",
-        ),
         (lambda: gossip_average(random_states(3), np.eye(4)), ValueError, "4 x 4 but there are 3"),
         (lambda: gossip_average([], np.eye(2)), ValueError, "no states"),
+        (
+            lambda: gossip_average(random_states(2), np.array([[0.5, 0.5], [0.4, 0.6]])),
+            ValueError,
+            "symmetric",
+        ),
         (
             lambda: consensus_distance([{"a": torch.zeros(2)}, {"b": torch.zeros(2)}]),
             ValueError,
@@ -266,24 +156,38 @@ def test_simulation_rejects_a_mixing_matrix_of_the_wrong_size_or_too_few_clients
     clients, test = synthetic_clients(4)
     model = build_model("logistic", seed=0)
     with pytest.raises(ValueError, match="5 x 5 but there are 4 clients"):
-        DecentralizedSimulation(model, clients, test, mixing_matrix(ring(5)))
+        GossipSimulation(model, clients, test, mixing_matrix(ring(5)))
     with pytest.raises(ValueError, match="at least 2 clients"):
-        DecentralizedSimulation(model, clients[:1], test, np.eye(1))
+        GossipSimulation(model, clients[:1], test, np.eye(1))
     with pytest.raises(TypeError, match="client 1 is a str"):
-        DecentralizedSimulation(model, [clients[0], "x"], test, np.eye(2))
+        GossipSimulation(model, [clients[0], "x"], test, np.eye(2))
+    with pytest.raises(ValueError, match="eval_every"):
+        GossipSimulation(model, clients, test, np.eye(4), eval_every=0)
     with pytest.raises(ValueError, match="lr must be > 0"):
-        DecentralizedSimulation(model, clients, test, np.eye(4), lr=0.0)
+        GossipSimulation(model, clients, test, np.eye(4), TrainConfig(lr=0.0))
+    sim = GossipSimulation(model, clients, None, np.eye(4))
+    with pytest.raises(ValueError, match="no test set"):
+        sim.evaluate()
+    with pytest.raises(ValueError, match=r"client must be in \[0, 3\]"):
+        sim.client_model(4)
+    with pytest.raises(ValueError, match="num_rounds"):
+        sim.run(-1, progress=False)
 
 
 # ---------------------------------------------------------------------------- simulation
 def test_fully_connected_rounds_equal_fedavg_with_all_clients_selected() -> None:
     clients, test = synthetic_clients(5)
-    kw = {"local_epochs": 1, "batch_size": 10, "lr": 0.05, "seed": 3}
-    dec = DecentralizedSimulation(
-        build_model("mlp", seed=0), clients, test, mixing_matrix(fully_connected(5)), **kw
+    kw = {"local_epochs": 1, "batch_size": 10, "lr": 0.05}
+    dec = GossipSimulation(
+        build_model("mlp", seed=0),
+        clients,
+        test,
+        mixing_matrix(fully_connected(5)),
+        TrainConfig(**kw),
+        seed=3,
     )
     fed = FedAvgSimulation(
-        build_model("mlp", seed=0), clients, test, FedAvgConfig(fraction_train=1.0, **kw)
+        build_model("mlp", seed=0), clients, test, FedAvgConfig(fraction_train=1.0, seed=3, **kw)
     )
     for _ in range(2):
         dec.run_round()
@@ -291,14 +195,14 @@ def test_fully_connected_rounds_equal_fedavg_with_all_clients_selected() -> None
         for state in dec.states:
             for k, v in fed.global_state.items():
                 torch.testing.assert_close(state[k], v, rtol=1e-6, atol=1e-7)
-        assert dec.history.rounds[-1].consensus_distance < 1e-10
+        assert dec.history.rounds[-1].extra["consensus_distance"] < 1e-10
         assert dec.history.rounds[-1].accuracy == pytest.approx(fed.history.rounds[-1].accuracy)
 
 
 def test_a_round_trains_every_client_from_its_own_model_then_gossips() -> None:
     clients, test = synthetic_clients(4)
     w = mixing_matrix(ring(4))
-    sim = DecentralizedSimulation(build_model("logistic", seed=0), clients, test, w, seed=1)
+    sim = GossipSimulation(build_model("logistic", seed=0), clients, test, w, seed=1)
     sim.run_round()
     start = [{k: v.clone() for k, v in s.items()} for s in sim.states]
     assert consensus_distance(start) > 0  # a ring does not reach consensus in one step
@@ -306,9 +210,7 @@ def test_a_round_trains_every_client_from_its_own_model_then_gossips() -> None:
     # round 2 by hand: local_update from each client's own model, seeded client_seed(1, 2, i), then W
     scratch = build_model("logistic", seed=0)
     trained = [
-        local_update(
-            scratch, start[i], c.x, c.y, epochs=1, batch_size=10, lr=0.05, seed=client_seed(1, 2, i)
-        )[0]
+        local_update(scratch, start[i], c.x, c.y, TrainConfig(), seed=client_seed(1, 2, i))[0]
         for i, c in enumerate(clients)
     ]
     expected = gossip_average(trained, w)
@@ -316,8 +218,10 @@ def test_a_round_trains_every_client_from_its_own_model_then_gossips() -> None:
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
     rec = sim.history.rounds[-1]
-    assert rec.consensus_distance_before_gossip == pytest.approx(consensus_distance(trained))
-    assert rec.consensus_distance <= rec.consensus_distance_before_gossip
+    assert rec.extra["consensus_distance_before_gossip"] == pytest.approx(
+        consensus_distance(trained)
+    )
+    assert rec.extra["consensus_distance"] <= rec.extra["consensus_distance_before_gossip"]
 
 
 @pytest.mark.parametrize(
@@ -328,51 +232,64 @@ def test_bytes_sent_count_one_state_per_directed_edge(
 ) -> None:
     clients, test = synthetic_clients(6)
     model = build_model("logistic", seed=0)
-    sim = DecentralizedSimulation(model, clients, test, mixing_matrix(graph))
+    sim = GossipSimulation(model, clients, test, mixing_matrix(graph))
     record = sim.run_round()
     assert sim.num_directed_edges == directed_edges
-    assert record.bytes_sent == payload_nbytes(model.state_dict()) * directed_edges
+    assert record.bytes_up == payload_nbytes(model.state_dict()) * directed_edges
+    assert record.bytes_down == 0
 
 
 def test_identity_mixing_is_local_training_without_communication() -> None:
     clients, test = synthetic_clients(3)
-    sim = DecentralizedSimulation(build_model("logistic", seed=0), clients, test, np.eye(3))
+    sim = GossipSimulation(build_model("logistic", seed=0), clients, test, np.eye(3))
     record = sim.run_round()
-    assert record.bytes_sent == 0
-    assert record.consensus_distance == pytest.approx(record.consensus_distance_before_gossip)
+    assert record.bytes_up == 0
+    assert record.extra["consensus_distance"] == pytest.approx(
+        record.extra["consensus_distance_before_gossip"]
+    )
     assert sim.spectral_gap == 0.0
 
 
 def test_client_accuracies_are_evaluated_only_when_asked_and_on_schedule() -> None:
     clients, test = synthetic_clients(4)
     w = mixing_matrix(ring(4))
-    plain = DecentralizedSimulation(build_model("logistic", seed=0), clients, test, w, eval_every=2)
+    plain = GossipSimulation(build_model("logistic", seed=0), clients, test, w, eval_every=2)
     plain.run(3, progress=False)
     assert plain.history.column("accuracy")[0] is None  # round 1: off schedule
     assert plain.history.column("accuracy")[1] is not None  # round 2: on schedule
     assert plain.history.column("accuracy")[2] is not None  # round 3: the last round of run()
     assert plain.history.column("client_accuracy_mean") == [None, None, None]
 
-    full = DecentralizedSimulation(
-        build_model("logistic", seed=0), clients, test, w, eval_clients=True
-    )
+    full = GossipSimulation(build_model("logistic", seed=0), clients, test, w, eval_clients=True)
     rec = full.run_round()
     accs = [m["accuracy"] for m in full.evaluate_clients()]
-    assert rec.client_accuracy_mean == pytest.approx(np.mean(accs))
-    assert rec.client_accuracy_min == min(accs)
+    assert rec.extra["client_accuracy_mean"] == pytest.approx(np.mean(accs))
+    assert rec.extra["client_accuracy_min"] == min(accs)
     assert rec.accuracy == full.evaluate()["accuracy"]
 
 
 def test_run_continues_to_the_target_round_and_history_has_one_record_per_round() -> None:
     clients, test = synthetic_clients(4)
-    sim = DecentralizedSimulation(
-        build_model("logistic", seed=0), clients, test, mixing_matrix(ring(4))
-    )
+    sim = GossipSimulation(build_model("logistic", seed=0), clients, test, mixing_matrix(ring(4)))
     sim.run(2, progress=False)
     history = sim.run(3, progress=False)
     assert sim.round == 3 and history.column("round") == [1, 2, 3]
-    assert history.cumulative_bytes_sent()[-1] == 3 * history.rounds[0].bytes_sent
+    assert history.cumulative("bytes_up")[-1] == 3 * history.rounds[0].bytes_up
     assert history.final_accuracy is not None and len(history.to_dicts()) == 3
+
+
+def test_the_average_model_is_the_uniform_average_and_gossip_keeps_it() -> None:
+    clients, test = synthetic_clients(4)
+    sim = GossipSimulation(build_model("logistic", seed=0), clients, test, mixing_matrix(ring(4)))
+    trained, _, _ = sim._local_training()
+    sim.states = trained
+    before = sim.average_state()
+    sim.states = gossip_average(trained, sim.W)
+    for k, v in sim.average_state().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            v.numpy(), np.mean([t[k].numpy() for t in trained], axis=0), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_same_seed_gives_the_same_run_and_another_seed_a_different_one() -> None:
@@ -380,7 +297,7 @@ def test_same_seed_gives_the_same_run_and_another_seed_a_different_one() -> None
     w = mixing_matrix(random_regular(4, 2, seed=0))
 
     def final_states(seed: int) -> list:
-        sim = DecentralizedSimulation(build_model("mlp", seed=0), clients, test, w, seed=seed)
+        sim = GossipSimulation(build_model("mlp", seed=0), clients, test, w, seed=seed)
         sim.run(2, progress=False)
         return sim.states
 
@@ -395,16 +312,18 @@ def test_a_failing_client_keeps_its_model_and_the_round_goes_on() -> None:
     clients, test = synthetic_clients(3)
 
     class Broken(DataClient):
-        def fit(self, model, global_state, config, seed):
-            state, weight, metrics = super().fit(model, global_state, config, seed)
-            key = next(iter(state))
-            state[key] = torch.full_like(state[key], float("nan"))
-            return state, weight, metrics
+        def fit(self, model, global_state, ctx, config):
+            reply = super().fit(model, global_state, ctx, config)
+            key = next(iter(reply.state))
+            reply.state[key] = torch.full_like(reply.state[key], float("nan"))
+            return FitReply(reply.state, reply.num_samples, reply.metrics)
 
     clients[1] = Broken(clients[1].x, clients[1].y)
-    sim = DecentralizedSimulation(
+    sim = GossipSimulation(
         build_model("logistic", seed=0), clients, test, mixing_matrix(fully_connected(3))
     )
+    start = [{k: v.clone() for k, v in s.items()} for s in sim.states]
     record = sim.run_round()
     assert list(record.rejected) == [1] and "non-finite" in record.rejected[1]
     assert all(bool(torch.isfinite(v).all()) for s in sim.states for v in s.values())
+    assert consensus_distance(start) == 0.0

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import functools
-import io
 import math
+import struct
 
 import numpy as np
 import pytest
 import torch
 
-from labsupport.fl import DataClient, FedAvgConfig, FedAvgSimulation, deserialize, serialize
+from labsupport.fl.checkpoint import load_checkpoint, save_checkpoint
+from labsupport.fl.clients import DataClient, RoundContext
 from labsupport.fl.compression import (
-    Compressor,
     NoCompression,
     StochasticQuantizer,
     TopK,
@@ -25,6 +25,9 @@ from labsupport.fl.compression import (
     quantize_stochastic,
     topk_sparsify,
 )
+from labsupport.fl.serialize import deserialize, serialize
+from labsupport.fl.server import FedAvgConfig, FedAvgSimulation
+from labsupport.fl.transforms import UpdateTransform
 from labsupport.models import build_model
 
 
@@ -45,16 +48,16 @@ def _like(delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.zeros_like(v) for k, v in delta.items()}
 
 
-def _wire(c: Compressor, delta: dict[str, torch.Tensor], client: int = 0):
+def _wire(c: UpdateTransform, delta: dict[str, torch.Tensor], client: int = 0):
     """What the simulator does: compress, serialize, deserialize, decompress."""
     wire = serialize(c.compress(delta, client))
     return c.decompress(deserialize(wire), _like(delta)), len(wire)
 
 
-def _npz_len(arrays: dict[str, np.ndarray]) -> int:
-    buf = io.BytesIO()
-    np.savez(buf, allow_pickle=False, **arrays)
-    return len(buf.getvalue())
+def _data_len(wire: bytes) -> int:
+    """Bytes of the data section of a serialized payload (after the length and the JSON header)."""
+    (n,) = struct.unpack("<Q", wire[:8])
+    return len(wire) - 8 - n
 
 
 ALL = [
@@ -226,7 +229,7 @@ def test_error_feedback_sent_plus_residual_equals_sum_of_deltas(make):
         for k in delta:
             sent_total[k] += out[k]
             delta_total[k] += delta[k]
-    residual = c.state_dict()["residuals"][4]
+    residual = c.state_dict()["residuals"]["4"]
     for k, v in delta_total.items():
         if v.is_floating_point():
             torch.testing.assert_close(sent_total[k] + residual[k], v, rtol=0, atol=1e-6)
@@ -251,9 +254,9 @@ def test_error_feedback_residuals_are_per_client():
     r = c.state_dict()["residuals"]
     fresh = TopK(0.05)
     fresh.compress(d1, 1)
-    for k in r[1]:
-        assert torch.equal(r[1][k], fresh.state_dict()["residuals"][1][k])
-        assert not torch.equal(r[0][k], r[1][k])
+    for k in r["1"]:
+        assert torch.equal(r["1"][k], fresh.state_dict()["residuals"]["1"][k])
+        assert not torch.equal(r["0"][k], r["1"][k])
 
 
 # ------------------------------------------------------------------------------------- bytes
@@ -266,23 +269,26 @@ def test_index_dtype_is_the_smallest_that_holds_every_index():
     assert index_dtype(65_537) == torch.uint32
 
 
-def test_topk_payload_bytes_match_hand_built_npz():
+def test_topk_payload_bytes_are_the_raw_indices_and_values_in_the_smallest_dtypes():
     g = torch.Generator().manual_seed(5)
     delta = {"a": torch.randn(300, 300, generator=g), "b": torch.randn(100, 40, generator=g)}
     delta["c"] = torch.randn(10, generator=g)
-    wire = serialize(TopK(0.01).compress(delta, 0))
+    payload = TopK(0.01).compress(delta, 0)
     arrays = {}
     for name, dtype in (("a", np.uint32), ("b", np.uint16), ("c", np.uint8)):
         a = delta[name].numpy().reshape(-1)
         keep = np.sort(np.argsort(-np.abs(a), kind="stable")[: max(1, round(0.01 * a.size))])
         arrays[f"{name}/idx"] = keep.astype(dtype)
         arrays[f"{name}/val"] = a[keep].astype(np.float32)
-    assert len(wire) == _npz_len(arrays)
-    # and the module docstring's accounting: 22 + sum(232 + 2 len(key) + nbytes)
-    assert len(wire) == 22 + sum(232 + 2 * len(k) + v.nbytes for k, v in arrays.items())
+    assert payload.keys() == arrays.keys()
+    for k, v in arrays.items():
+        assert payload[k].numpy().dtype == v.dtype, k
+        np.testing.assert_array_equal(payload[k].numpy(), v, err_msg=k)
+    wire = serialize(payload)
+    assert _data_len(wire) == sum(v.nbytes for v in arrays.values())
 
 
-def test_topk_quantized_payload_bytes_match_hand_built_npz():
+def test_topk_quantized_payload_bytes_are_one_byte_per_code():
     delta = {"w": torch.randn(100, 40, generator=torch.Generator().manual_seed(6))}
     payload = TopKQuantized(0.05, bits=8).compress(delta, 0)
     arrays = {
@@ -293,7 +299,10 @@ def test_topk_quantized_payload_bytes_match_hand_built_npz():
     assert {k: v.numpy().dtype for k, v in payload.items()} == {
         k: v.dtype for k, v in arrays.items()
     }
-    assert len(serialize(payload)) == _npz_len(arrays)
+    assert {k: tuple(v.shape) for k, v in payload.items()} == {
+        k: v.shape for k, v in arrays.items()
+    }
+    assert _data_len(serialize(payload)) == sum(v.nbytes for v in arrays.values()) == 608
 
 
 def test_topk_at_one_percent_is_over_10x_smaller_than_dense():
@@ -332,14 +341,13 @@ def test_integer_and_bool_buffers_are_sent_raw(make):
 
 
 @pytest.mark.parametrize("make", ALL)
-def test_state_dict_round_trip_reproduces_the_next_payload(make):
+def test_state_dict_round_trip_reproduces_the_next_payload(make, tmp_path):
     c = make()
     for t in range(3):
         c.compress(_delta(seed=t), client=t % 2)
-    buf = io.BytesIO()
-    torch.save(c.state_dict(), buf)  # as the simulator's checkpoint does
+    save_checkpoint(tmp_path / "c", {"t": c.state_dict()})  # as the server's checkpoint does
     resumed = make()
-    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    resumed.load_state_dict(load_checkpoint(tmp_path / "c")["t"])
     nxt = _delta(seed=9)
     a, b = c.compress(nxt, 1), resumed.compress(nxt, 1)
     assert a.keys() == b.keys()
@@ -351,9 +359,9 @@ def test_state_dict_is_a_copy():
     c = TopK(0.05)
     c.compress(_delta(), 0)
     saved = c.state_dict()
-    before = {k: v.clone() for k, v in saved["residuals"][0].items()}
+    before = {k: v.clone() for k, v in saved["residuals"]["0"].items()}
     c.compress(_delta(seed=3), 0)
-    assert all(torch.equal(saved["residuals"][0][k], before[k]) for k in before)
+    assert all(torch.equal(saved["residuals"]["0"][k], before[k]) for k in before)
 
 
 def test_loading_the_state_of_another_config_raises():
@@ -394,7 +402,7 @@ def test_factory_builds_each_name_and_rejects_unknown_ones():
     assert isinstance(c, TopKQuantized) and c.bits == 8 and not c.error_feedback
     for name in ("none", "topk", "quant8", "topk+quant8"):
         kw = {"fraction": 0.1} if "topk" in name else {}
-        assert isinstance(make_compressor(name, **kw), Compressor)
+        assert isinstance(make_compressor(name, **kw), UpdateTransform)
     with pytest.raises(ValueError, match="'gzip'"):
         make_compressor("gzip")
     with pytest.raises(ValueError, match="bits=4"):
@@ -471,7 +479,7 @@ def test_a_failed_compress_leaves_the_state_unchanged():
         c.compress({"w": torch.randn(10), "v": torch.tensor([float("inf")])}, 0)
     after = c.state_dict()
     assert after["calls"] == before["calls"]
-    assert torch.equal(after["residuals"][0]["w"], before["residuals"][0]["w"])
+    assert torch.equal(after["residuals"]["0"]["w"], before["residuals"]["0"]["w"])
 
 
 # ------------------------------------------------------------------------------- integration
@@ -496,8 +504,9 @@ def _federation(num_clients: int = 4, per_client: int = 60, seed: int = 0):
 def _simulation(compressor, **kw) -> FedAvgSimulation:
     clients, test = _federation()
     config = FedAvgConfig(num_rounds=3, fraction_train=1.0, batch_size=20, lr=0.1, seed=0)
+    transforms = [] if compressor is None else [compressor]
     return FedAvgSimulation(
-        build_model("mlp", seed=0), clients, test, config, compressor=compressor, **kw
+        build_model("mlp", seed=0), clients, test, config, transforms=transforms, **kw
     )
 
 
@@ -528,8 +537,23 @@ def test_resumed_simulation_with_error_feedback_matches_an_uninterrupted_run(tmp
     first = _simulation(TopKQuantized(0.1, seed=1), checkpoint_dir=tmp_path)
     first.run(2, progress=False)
     resumed = _simulation(TopKQuantized(0.1, seed=1), checkpoint_dir=tmp_path)
-    assert resumed.round == 2 and resumed.compressor.calls == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert resumed.round == 2
+    assert resumed.pipeline.transforms[0].calls == {0: 2, 1: 2, 2: 2, 3: 2}
     resumed.run(progress=False)
     for k, v in full.global_state.items():
         assert torch.equal(resumed.global_state[k], v), k
     assert resumed.history.column("bytes_up") == full.history.column("bytes_up")
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_encode_and_decode_are_compress_and_decompress_for_the_round_context(make):
+    delta = _delta(seed=4)
+    a, b = make(), make()
+    ctx = RoundContext(server_round=5, client_id=3, seed=123)
+    payload = a.encode(delta, ctx)
+    want = b.compress(delta, 3)
+    assert payload.keys() == want.keys() and all(torch.equal(payload[k], want[k]) for k in want)
+    out = a.decode(payload, ctx, _like(delta))
+    ref = b.decompress(want, _like(delta))
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    assert a.config()["name"] == type(a).__name__

@@ -6,13 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from labsupport.fl.fedavg import clone_state, local_update
-from labsupport.fl.simulation import DataClient, FedAvgConfig, FedAvgSimulation
+from labsupport.fl.clients import DataClient, FitReply, TrainConfig, local_update
+from labsupport.fl.server import FedAvgConfig, FedAvgSimulation
+from labsupport.fl.state import clone_state
 from labsupport.fl.vectorized import batch_plan, vectorized_local_updates
 from labsupport.models import build_model
 from labsupport.train import batch_indices
-
-torch.set_num_threads(1)
 
 ATOL = 1e-5
 
@@ -29,17 +28,8 @@ def sequential(model, global_state, data, *, epochs, batch_size, lr, seeds):
     """The reference: one ``local_update`` per client, in a loop."""
     states, losses = [], []
     for (x, y), seed in zip(data, seeds, strict=True):
-        state, result = local_update(
-            model,
-            global_state,
-            x,
-            y,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            optimizer="sgd",
-        )
+        config = TrainConfig(local_epochs=epochs, batch_size=batch_size, lr=lr, optimizer="sgd")
+        state, result = local_update(model, global_state, x, y, config, seed=seed)
         states.append(state)
         losses.append(result.loss)
     return states, losses
@@ -120,7 +110,9 @@ def test_client_whose_batches_ran_out_keeps_its_weights_on_padded_steps() -> Non
     assert losses[0] == pytest.approx(float(loss.detach()), abs=ATOL)
 
 
-def test_single_client_and_zero_epochs() -> None:
+def test_single_client_and_zero_epochs() -> (
+    None
+):  # zero epochs: vectorized only (TrainConfig needs 1)
     model = build_model("logistic", seed=0)
     assert_same_updates(model, make_data([9]), epochs=2, batch_size=4)
     global_state = clone_state(model.state_dict())
@@ -287,3 +279,116 @@ def test_global_state_missing_a_key_raises() -> None:
         vectorized_local_updates(
             model, state, make_data([4]), epochs=1, batch_size=2, lr=0.1, seeds=[0]
         )
+
+
+# ------------------------------------------------------------------- which clients are vectorized
+def _federation(sizes=(12, 20, 7, 15), seed=3):
+    data = make_data(list(sizes), seed=seed)
+    return data, make_data([40], seed=seed + 1)[0]
+
+
+def _run(clients, vectorized, rounds=2):
+    config = FedAvgConfig(
+        num_rounds=rounds, fraction_train=1.0, batch_size=5, lr=0.1, vectorized=vectorized
+    )
+    sim = FedAvgSimulation(build_model("mlp", seed=0), clients, None, config)
+    sim.run(progress=False)
+    return sim
+
+
+def _counting(kind, calls):
+    """A DataClient with one hook set that counts its calls (and otherwise trains as plain)."""
+
+    def loss_fn(model, xb, yb):
+        calls.append(kind)
+        return torch.nn.functional.cross_entropy(model(xb), yb)
+
+    def penalty(model):
+        calls.append(kind)
+        return torch.zeros(())
+
+    def grad_hook(model):
+        calls.append(kind)
+
+    def batch_sampler(n, generator):
+        calls.append(kind)
+        return batch_indices(n, 5, generator)
+
+    def hooks_for_round(ctx, global_state):
+        calls.append(kind)
+        return {}
+
+    return {
+        "loss_fn": loss_fn,
+        "penalty": penalty,
+        "grad_hook": grad_hook,
+        "batch_sampler": batch_sampler,
+        "hooks_for_round": hooks_for_round,
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "kind", ["loss_fn", "penalty", "grad_hook", "batch_sampler", "hooks_for_round"]
+)
+def test_a_data_client_with_a_hook_is_not_vectorized_and_its_hook_runs(kind) -> None:
+    data, _ = _federation()
+    calls: list[str] = []
+    hooked = DataClient(*data[1], **{kind: _counting(kind, calls)})
+    clients = [DataClient(*data[0]), hooked, *[DataClient(x, y) for x, y in data[2:]]]
+    vec = _run(clients, vectorized=True)
+    assert calls and set(calls) == {kind}
+    n_vec = len(calls)
+    calls.clear()
+    seq = _run(clients, vectorized=False)
+    assert len(calls) == n_vec  # the hook ran exactly as often as in the sequential run
+    # the hooks here leave the objective unchanged, so both runs agree
+    for key, value in seq.global_state.items():
+        torch.testing.assert_close(vec.global_state[key], value, atol=ATOL, rtol=0)
+
+
+def test_a_subclass_overriding_fit_is_not_vectorized() -> None:
+    data, _ = _federation()
+    fits = []
+
+    class Scaled(DataClient):
+        def fit(self, model, global_state, ctx, config):
+            fits.append(ctx.client_id)
+            reply = super().fit(model, global_state, ctx, config)
+            return FitReply({k: v * 0.5 for k, v in reply.state.items()}, 1, reply.metrics)
+
+    clients = [Scaled(*data[0]), *[DataClient(x, y) for x, y in data[1:]]]
+    vec, seq = _run(clients, vectorized=True), _run(clients, vectorized=False)
+    assert fits == [0, 0, 0, 0]  # two rounds in each run
+    for key, value in seq.global_state.items():
+        torch.testing.assert_close(vec.global_state[key], value, atol=ATOL, rtol=0)
+
+
+def test_a_changed_objective_gives_a_different_model_than_the_vectorized_plain_one() -> None:
+    # the hooked client really trains its own objective in vectorized mode (not the plain one)
+    data, _ = _federation()
+
+    def scaled_loss(model, xb, yb):
+        return 10.0 * torch.nn.functional.cross_entropy(model(xb), yb)
+
+    plain = [DataClient(x, y) for x, y in data]
+    hooked = [DataClient(*data[0], loss_fn=scaled_loss), *plain[1:]]
+    vec_hooked, seq_hooked = _run(hooked, True, rounds=1), _run(hooked, False, rounds=1)
+    vec_plain = _run(plain, True, rounds=1)
+    for key, value in seq_hooked.global_state.items():
+        torch.testing.assert_close(vec_hooked.global_state[key], value, atol=ATOL, rtol=0)
+    assert any(
+        not torch.allclose(vec_hooked.global_state[k], vec_plain.global_state[k], atol=1e-3)
+        for k in vec_plain.global_state
+    )
+
+
+def test_plain_clients_are_vectorized_and_match_the_sequential_run() -> None:
+    data, _ = _federation(sizes=(5, 12, 30, 8, 19, 40))
+    clients = [DataClient(x, y) for x, y in data]
+    assert all(c.plain for c in clients)
+    vec, seq = _run(clients, True), _run(clients, False)
+    for key, value in seq.global_state.items():
+        torch.testing.assert_close(vec.global_state[key], value, atol=ATOL, rtol=0)
+    assert vec.history.column("train_loss") == pytest.approx(
+        seq.history.column("train_loss"), abs=ATOL
+    )
