@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from labsupport.device import get_device
 from labsupport.train import evaluate
 
 from .aggregators import Aggregator, CountPolicy, WeightedMean
@@ -59,7 +60,7 @@ from .state import (
     state_delta,
     validate_update,
 )
-from .transforms import Pipeline, UpdateTransform
+from .transforms import Pipeline, RoundAborted, UpdateTransform
 
 __all__ = ["CHECKPOINT_NAME", "FedAvgConfig", "FedAvgSimulation"]
 
@@ -125,7 +126,8 @@ class FedAvgSimulation:
     * ``transforms`` -- :class:`~labsupport.fl.transforms.UpdateTransform` objects, applied in order
       on the client and in reverse on the server; bytes up are those of the serialized payloads;
     * ``count_policy`` -- how claimed sample counts become weights (default: trust them);
-    * ``device`` -- where the clients train and the model is evaluated (default: the model's);
+    * ``device`` -- where the clients train and the model is evaluated (default: ``$LAB_DEVICE`` if
+      set, else the model's); the global state, payloads and checkpoints stay on the CPU;
     * ``checkpoint_dir`` -- the global model, history and the state of the aggregator and the
       transforms are saved after every round; a new simulation with the same arguments resumes
       from there (``resume=True``). Resuming with another config, aggregator, transform pipeline,
@@ -171,6 +173,8 @@ class FedAvgSimulation:
                 f"of the updates, so {self.aggregator!r} cannot see them one by one: use WeightedMean"
             )
         self.count_policy = count_policy or CountPolicy()
+        if device is None and os.environ.get("LAB_DEVICE"):
+            device = get_device()  # LAB_DEVICE (cpu, cuda, mps) is honoured end to end
         self.device = torch.device(device) if device is not None else None
         self.model = model if self.device is None else model.to(self.device)
         self.scratch = copy.deepcopy(
@@ -338,7 +342,11 @@ class FedAvgSimulation:
         instructions = self.aggregator.instructions(server_round, clone_state(self.global_state))
         accepted, payloads, rejected, bytes_up, extra = self._collect(selected, instructions)
         if accepted:
-            self.global_state = self._aggregate(accepted, payloads, server_round)
+            try:
+                self.global_state = self._aggregate(accepted, payloads, server_round)
+            except RoundAborted as exc:
+                logger.warning("round %d aborted, the global model is kept: %s", server_round, exc)
+                extra["aborted"] = str(exc)
         else:
             logger.warning("round %d: no valid update; the global model is kept", server_round)
         losses = [(r.metrics["loss"], r.num_samples) for r in accepted if "loss" in r.metrics]

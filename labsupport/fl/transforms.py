@@ -34,9 +34,14 @@ import torch
 from .clients import RoundContext
 from .state import StateDict
 
-__all__ = ["Pipeline", "UpdateTransform"]
+__all__ = ["Pipeline", "RoundAborted", "UpdateTransform"]
 
 Payload = dict[str, torch.Tensor]
+
+
+class RoundAborted(RuntimeError):
+    """A round-level transform cannot produce this round's aggregate (e.g. secure aggregation with
+    fewer survivors than its threshold). The server keeps the global model and records why."""
 
 
 class UpdateTransform:

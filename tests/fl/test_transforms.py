@@ -9,7 +9,7 @@ from labsupport.fl.aggregators import Aggregator, WeightedMean
 from labsupport.fl.clients import DataClient, RoundContext
 from labsupport.fl.server import FedAvgConfig, FedAvgSimulation
 from labsupport.fl.state import aggregate
-from labsupport.fl.transforms import Pipeline, UpdateTransform
+from labsupport.fl.transforms import Pipeline, RoundAborted, UpdateTransform
 from labsupport.models import build_model
 
 CTX = RoundContext(server_round=1, client_id=0, seed=0)
@@ -192,3 +192,24 @@ def test_only_the_weighted_mean_may_aggregate_summed_payloads():
                 aggregator=aggregator,
                 transforms=[ToyMasking({0: 1, 1: 1, 2: 1})],
             )
+
+
+class Aborting(UpdateTransform):
+    """A summing stage that cannot decode this round (too few survivors, say)."""
+
+    sums_payloads = True
+
+    def aggregate_payloads(self, payloads, weights, server_round, global_state):
+        raise RoundAborted("only 1 of 3 clients survived; the threshold is 2")
+
+
+def test_an_aborted_secure_round_keeps_the_global_model_and_says_why():
+    model = build_model("logistic", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = FedAvgConfig(num_rounds=2, fraction_train=1.0, local_epochs=1, batch_size=5, lr=0.1)
+    sim = FedAvgSimulation(model, _federation(), None, cfg, transforms=[Aborting()])
+    history = sim.run(progress=False)
+    assert len(history) == 2
+    assert all("threshold is 2" in r.extra["aborted"] for r in history.rounds)
+    for k, v in before.items():
+        assert torch.equal(sim.global_state[k], v)
