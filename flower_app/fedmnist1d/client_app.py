@@ -4,20 +4,21 @@ Flower pieces: ``flwr.clientapp.ClientApp`` with ``@app.train()`` and ``@app.eva
 (the Message API, Flower >= 1.21); a ``Message`` whose ``RecordDict`` content holds the global model
 as an ``ArrayRecord`` (key ``"arrays"``) and the knobs as a ``ConfigRecord`` (key ``"config"``, with
 Flower's ``server-round``); the reply carries an ``ArrayRecord`` and a ``MetricRecord`` whose
-``"num-examples"`` is FedAvg's weight. Which partition this node holds comes from
-``context.node_config`` (``partition-id``, ``num-partitions``): ``--node-config`` on a real SuperNode,
-set by the Simulation Engine under ``run_simulation``.
+``"num-examples"`` is the sample count the server weighs it by, and a ``ConfigRecord`` ``"client"``
+with the node's ``partition-id`` (the client id :mod:`labsupport.flower.bridge` records). Which
+partition this node holds comes from ``context.node_config`` (``partition-id``, ``num-partitions``):
+``--node-config`` on a real SuperNode, set by the Simulation Engine under ``run_simulation``.
 
 The knobs come from the message's ConfigRecord, overlaid on ``context.run_config`` and the defaults of
 :class:`fedmnist1d.task.AppConfig`: the ServerApp is the one place the run configuration is read, so
 the client behaves the same under ``flwr run`` and ``run_simulation`` (where ``run_config`` is
-empty). Chapter 01 calls these handlers directly in ``tests/test_flower.py`` to show that one round
-of Flower's FedAvg over them equals one round of :class:`labsupport.fl.FedAvgSimulation`.
+empty). Chapter 01 calls these handlers directly in ``tests/flower/test_flower_simulation.py`` to
+show that one round of Flower's FedAvg over them equals one round of our in-process simulator.
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmnist1d.task import (
@@ -78,6 +79,7 @@ def train(message: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(state),
             "metrics": MetricRecord({"num-examples": len(y), "train_loss": float(result.loss)}),
+            "client": ConfigRecord({"partition-id": partition_id}),
         }
     )
     return Message(content=content, reply_to=message)

@@ -1,25 +1,32 @@
-"""The ServerApp: Flower's FedAvg strategy, evaluated centrally on the MNIST-1D test set.
+"""The ServerApp: Flower's FedAvg loop with a labsupport aggregator, evaluated centrally on MNIST-1D.
 
 Flower pieces: ``flwr.serverapp.ServerApp`` with an ``@app.main()`` function that gets a ``Grid``
 (the link to the SuperNodes) and a ``Context`` (``run_config`` = ``[tool.flwr.app.config]`` plus
-``flwr run --run-config`` overrides); ``flwr.serverapp.strategy.FedAvg`` (subclassed only to
-record each round's replies) driven by ``strategy.start(grid, initial_arrays, num_rounds,
-train_config=..., evaluate_fn=...)``, which each round sends the global ``ArrayRecord`` with a
-``ConfigRecord`` to the sampled nodes, averages the replies weighted by their ``"num-examples"``,
-and calls ``evaluate_fn(round, arrays)`` -- here the
-central test of :func:`labsupport.train.evaluate`, as :class:`labsupport.fl.FedAvgSimulation` does.
+``flwr run --run-config`` overrides); a strategy driven by ``strategy.start(grid, initial_arrays,
+num_rounds, train_config=..., evaluate_fn=...)``, which each round sends the global ``ArrayRecord``
+with a ``ConfigRecord`` to the sampled nodes, aggregates the replies, and calls
+``evaluate_fn(round, arrays)`` -- here the central test of :func:`labsupport.train.evaluate`, as our
+in-process simulator does. The strategy is :class:`labsupport.flower.bridge.AggregatorStrategy`:
+Flower's ``FedAvg`` (sampling, messages, evaluation) whose aggregation is the labsupport
+``Aggregator`` named by the ``aggregator`` knob -- ``"weighted-mean"`` (FedAvg, McMahan et al. 2017),
+or chapter 03's ``"median"``, ``"trimmed-mean:0.1"``, ``"krum:1"`` -- so each rule is written once.
+Replies that fail validation (NaN, wrong shapes, a non-positive count) are rejected and recorded
+instead of averaged; a round in which no client trained stops the run.
 
-The initial model is ``build_model(model, seed=seed)``, the simulator's; FedAvg waits for all
+The initial model is ``build_model(model, seed=seed)``, the simulator's; the strategy waits for all
 ``num-partitions`` nodes (``min_available_nodes``) and samples ``max(C * K, 1)`` of them (C * K
-rounded half up, as our simulator does). With ``fraction-train = 1`` every round uses every client, so a run equals the simulator's (chapter 01's
-comparison, ``python -m labsupport.bench flower_vs_labsupport``). With C < 1 Flower samples nodes with
-Python's unseeded ``random``: other clients than the simulator's.
+rounded half up, as our simulator does). With ``fraction-train = 1`` every round uses every client,
+so a run equals the simulator's (chapter 01's comparison, ``python -m labsupport.bench
+flower_vs_labsupport``). With C < 1 Flower samples nodes with Python's unseeded ``random``: other
+clients than the simulator's.
 
 Results: with ``results-file`` set, a JSON file (``status``, ``config``, ``history`` of
 ``round``/``accuracy``/``loss``/``train_loss``/``clients``/``errors``, ``final_accuracy``,
-``seconds``) rewritten after every round, and the final state dict next to it (``.pt``). :func:`make_server_app` builds the app with
-config overrides and a callback, for ``run_simulation`` (``labsupport.fl.flower``), where no
-pyproject is read and the results come back in-process.
+``seconds``) rewritten after every round, and the final state dict next to it (``.pt``);
+:meth:`labsupport.fl.history.History.from_flower` reads the history. :func:`make_server_app` builds
+the app with config overrides and a callback, for ``run_simulation``
+(:mod:`labsupport.flower.simulation`), where no pyproject is read and the results come back
+in-process.
 """
 
 from __future__ import annotations
@@ -27,48 +34,22 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import flwr
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from fedmnist1d.task import AppConfig, load_data, make_model, test
 from labsupport.device import set_threads
-from labsupport.fl.fedavg import clone_state, num_selected
+from labsupport.fl.selection import num_selected
+from labsupport.fl.state import clone_state
+from labsupport.flower.bridge import AggregatorStrategy, make_aggregator
 
-__all__ = ["FedAvgWithReplies", "app", "make_server_app", "run_fedavg"]
-
-
-class FedAvgWithReplies(FedAvg):
-    """Flower's FedAvg that also records each round's replies, and stops when none of them trained.
-
-    Flower's FedAvg logs a client's error reply and averages the others; if every reply is an error
-    it keeps the old model and goes on -- a run whose clients all crash would look complete. Here
-    ``replies[round] = (number trained, [error reasons])``, and a round without one trained reply
-    raises.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.replies: dict[int, tuple[int, list[str]]] = {}
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        errors = [m.error.reason for m in replies if m.has_error()]
-        self.replies[server_round] = (len(replies) - len(errors), errors)
-        if len(errors) == len(replies):
-            raise RuntimeError(
-                f"round {server_round}: none of the {len(replies)} sampled clients trained; "
-                f"errors: {errors[:3]}"
-            )
-        return super().aggregate_train(server_round, replies)
+__all__ = ["app", "make_server_app", "run_fedavg"]
 
 
 def run_fedavg(
@@ -77,7 +58,7 @@ def run_fedavg(
     *,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run ``config.num_server_rounds`` rounds of Flower's FedAvg over ``grid``; return the results.
+    """Run ``config.num_server_rounds`` rounds over ``grid`` with ``config.aggregator``; return results.
 
     Returns ``{"status", "config", "history", "final_accuracy", "seconds", "model_file",
     "state_dict"}``; ``history`` has one row per central evaluation, round 0 being the initial model.
@@ -107,7 +88,8 @@ def run_fedavg(
         return MetricRecord({"accuracy": metrics["accuracy"], "loss": metrics["loss"]})
 
     k = config.num_partitions
-    strategy = FedAvgWithReplies(
+    strategy = AggregatorStrategy(
+        make_aggregator(config.aggregator),
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_train_nodes,
@@ -130,8 +112,16 @@ def run_fedavg(
             _write_json(path, {**_payload("failed", config, history, start), "error": repr(exc)})
         raise
 
-    for row in history:  # what the clients reported, averaged by FedAvg with num-examples weights
-        row["clients"], row["errors"] = strategy.replies.get(row["round"], (0, []))
+    for (
+        row
+    ) in history:  # who was averaged, who failed or was rejected; metrics num-examples-weighted
+        outcome = strategy.rounds.get(row["round"])
+        row["clients"] = sorted(outcome.clients) if outcome else []
+        row["errors"] = (
+            outcome.errors + [f"client {c}: {why}" for c, why in outcome.rejected.items()]
+            if outcome
+            else []
+        )
         train = result.train_metrics_clientapp.get(row["round"])
         row["train_loss"] = float(train["train_loss"]) if train and "train_loss" in train else None
         fed = result.evaluate_metrics_clientapp.get(row["round"])

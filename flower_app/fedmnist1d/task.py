@@ -2,11 +2,13 @@
 
 Flower's examples keep "what is learned" in ``task.py`` and "how it is federated" in
 ``client_app.py`` / ``server_app.py``. Here nothing is re-implemented: the data is
-:func:`labsupport.data.load_dataset`, the client partitions :func:`labsupport.noniid.partition`,
+:func:`labsupport.data.load_dataset`, the client partitions :func:`labsupport.partitions.partition`,
 the model :func:`labsupport.models.build_model`, the local update
-:func:`labsupport.fl.fedavg.local_update` with the batch-order seed
-:func:`labsupport.fl.fedavg.client_seed` -- so a Flower client trains exactly as a client of
-:class:`labsupport.fl.FedAvgSimulation` does, batch for batch.
+:func:`labsupport.fl.clients.local_update` with the batch-order seed
+:func:`labsupport.fl.selection.client_seed` -- so a Flower client trains exactly as a client of
+:class:`labsupport.fl.server.FedAvgSimulation` does, batch for batch. The server's aggregation rule is
+the ``aggregator`` knob, a name of :func:`labsupport.flower.bridge.make_aggregator`
+(``"weighted-mean"`` = FedAvg, ``"median"``, ``"trimmed-mean:0.1"``, ``"krum:1"``, ...).
 
 :class:`AppConfig` is the one place the run configuration's defaults live. ``flwr run`` reads
 ``[tool.flwr.app.config]`` from ``pyproject.toml`` into ``context.run_config``;
@@ -28,9 +30,12 @@ import torch
 from torch import nn
 
 from labsupport.data import Dataset, load_dataset
-from labsupport.fl.fedavg import StateDict, client_seed, local_update, num_selected
+from labsupport.fl.clients import TrainConfig, local_update
+from labsupport.fl.selection import client_seed, num_selected
+from labsupport.fl.state import StateDict
+from labsupport.flower.bridge import parse_aggregator
 from labsupport.models import build_model
-from labsupport.noniid import SCHEMES, client_data, partition
+from labsupport.partitions import SCHEMES, client_data, partition
 from labsupport.train import TrainResult, evaluate
 
 __all__ = [
@@ -67,6 +72,7 @@ class AppConfig:
     lr: float = 0.05
     model: str = "mlp"
     partition_scheme: str = "iid"
+    aggregator: str = "weighted-mean"
     seed: int = 0
     num_partitions: int = 10
     results_file: str = ""
@@ -100,6 +106,7 @@ class AppConfig:
             raise ValueError(
                 f"partition-scheme {self.partition_scheme!r} is not one of {sorted(SCHEMES)}"
             )
+        parse_aggregator(self.aggregator)  # the name and its arguments; built by the ServerApp
 
     @classmethod
     def from_run_config(
@@ -129,7 +136,7 @@ class AppConfig:
 
     @property
     def min_train_nodes(self) -> int:
-        """Clients per round, ``max(C * K, 1)`` exactly as :func:`labsupport.fl.select_clients` counts."""
+        """Clients per round, ``max(C * K, 1)`` as :func:`labsupport.fl.selection.select_clients` counts."""
         return num_selected(self.num_partitions, self.fraction_train)
 
 
@@ -168,7 +175,7 @@ def _indices(split: str, num_partitions: int, scheme: str, seed: int) -> tuple[n
 def partition_indices(
     num_partitions: int, scheme: str = "iid", seed: int = 0, *, split: str = "train"
 ) -> list[np.ndarray]:
-    """Every client's sorted sample indices: ``labsupport.noniid.partition`` of the split's labels."""
+    """Every client's sorted sample indices: ``labsupport.partitions.partition`` of the split's labels."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return [idx.copy() for idx in _indices(split, int(num_partitions), scheme, int(seed))]
@@ -179,7 +186,7 @@ def client_partitions(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every client's ``(x, y)`` for :func:`partition_indices`.
 
-    The same call builds the clients of :class:`labsupport.fl.FedAvgSimulation` in the benchmark and
+    The same call builds the clients of :class:`labsupport.fl.server.FedAvgSimulation` in the benchmark and
     the tests, so client ``i`` there is partition ``i`` here.
     """
     return _rows(partition_indices(num_partitions, scheme, seed, split=split), split)
@@ -240,9 +247,9 @@ def train(
         global_state,
         x,
         y,
-        epochs=config.local_epochs,
-        batch_size=config.batch_size or None,
-        lr=config.lr,
+        TrainConfig(
+            local_epochs=config.local_epochs, batch_size=config.batch_size or None, lr=config.lr
+        ),
         seed=client_seed(config.seed, server_round, partition_id),
     )
 

@@ -1,10 +1,10 @@
 """``flower_vs_labsupport``: the same FedAvg run on Flower's Simulation Engine and on our simulator.
 
 Chapter 01's workload (McMahan et al. 2017, Algorithm 1 on MNIST-1D): 10 clients with IID
-partitions (``labsupport.noniid.partition``), the MLP, C = 1, E = 1, B = 10, lr 0.05, seed 0, 5 rounds
-(2 in smoke mode). It runs once on :class:`labsupport.fl.FedAvgSimulation` with
-:class:`~labsupport.fl.DataClient` s built from the partitions, and once as the Flower app
-``flower_app/fedmnist1d`` through :func:`labsupport.fl.flower.run_flower_simulation` (Ray, one CPU per
+partitions (``labsupport.partitions.partition``), the MLP, C = 1, E = 1, B = 10, lr 0.05, seed 0, 5 rounds
+(2 in smoke mode). It runs once on :class:`labsupport.fl.server.FedAvgSimulation` with
+:class:`~labsupport.fl.clients.DataClient` s built from the partitions, and once as the Flower app
+``flower_app/fedmnist1d`` through :func:`labsupport.flower.simulation.run_flower_simulation` (Ray, one CPU per
 client). The clients use the same batch order (``client_seed``), so the two runs end with the same
 model up to float rounding: ``accuracy_gap`` (Flower minus labsupport, in points) must be within
 +-1. ``flower_s`` and ``labsupport_s`` are wall seconds; Flower's include starting Ray and importing
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import time
 
-from labsupport.fl import DataClient, FedAvgConfig, FedAvgSimulation
-from labsupport.fl.flower import import_app, run_flower_simulation
+from labsupport.fl.clients import DataClient
+from labsupport.fl.server import FedAvgConfig, FedAvgSimulation
+from labsupport.flower.simulation import import_app, run_flower_simulation
 
 from . import Result, Target, benchmark
 
@@ -82,7 +83,7 @@ def run(smoke: bool) -> Result:
         # the ServerApp's time per round: the first includes Ray's workers importing torch
         "flower_round_s": [
             round(b["seconds"] - a["seconds"], 2)
-            for a, b in zip(flower["history"], flower["history"][1:], strict=False)
+            for a, b in zip(flower["rows"], flower["rows"][1:], strict=False)
         ],
         "labsupport_round_s": [round(r.seconds, 3) for r in history.rounds],
         "slowdown": round(flower["seconds"] / labsupport_s, 1),

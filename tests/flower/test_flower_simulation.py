@@ -2,15 +2,13 @@
 
 The ClientApp is called as Flower calls it -- ``app(message, context)`` with a ``Message`` built by
 hand -- and Flower's own ``FedAvg`` aggregates the replies; the reference is
-:class:`labsupport.fl.FedAvgSimulation`, which shares no code with Flower's aggregation.
+:class:`labsupport.fl.server.FedAvgSimulation`, which shares no code with Flower's aggregation.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Iterable
 
 import numpy as np
 import pytest
@@ -19,22 +17,16 @@ import torch
 pytest.importorskip("flwr")
 
 from flwr.app import (
-    DEFAULT_TTL,
-    ArrayRecord,
-    ConfigRecord,
     Context,
-    Error,
-    Message,
     MessageType,
-    Metadata,
     RecordDict,
 )
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
-from labsupport.fl import DataClient, FedAvgConfig, FedAvgSimulation, client_seed, local_update
-from labsupport.fl.flower import APP_DIR, import_app
+from labsupport.fl.clients import DataClient, TrainConfig, local_update
+from labsupport.fl.selection import client_seed
+from labsupport.fl.server import FedAvgConfig, FedAvgSimulation
+from labsupport.flower.simulation import APP_DIR
 from labsupport.train import evaluate
 
 try:
@@ -42,55 +34,17 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-APP = import_app()
-task, client_app, server_app = APP["task"], APP["client_app"], APP["server_app"]
-
-
-def _message(
-    content: RecordDict, message_type: str, node_id: int, message_id: str = "m"
-) -> Message:
-    """An instruction message as a SuperNode receives it (metadata set by hand: no SuperLink)."""
-    metadata = Metadata(
-        run_id=1,
-        message_id=message_id,
-        src_node_id=1,
-        dst_node_id=node_id,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=DEFAULT_TTL,
-        message_type=message_type,
-    )
-    return Message(content=content, metadata=metadata)
-
-
-def _context(partition_id: int, num_partitions: int, run_config: dict | None = None) -> Context:
-    return Context(
-        run_id=1,
-        node_id=100 + partition_id,
-        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
-        state=RecordDict(),
-        run_config=dict(run_config or {}),
-    )
-
-
-def _instruction(
-    state: dict[str, torch.Tensor], config: task.AppConfig, server_round: int
-) -> RecordDict:
-    return RecordDict(
-        {
-            "arrays": ArrayRecord(state),
-            "config": ConfigRecord({**config.client_config(), "server-round": server_round}),
-        }
-    )
-
-
-def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-
-
-# ------------------------------------------------------------------------------------ configuration
+from flower_testlib import (
+    FlakyGrid,
+    InProcessGrid,
+    client_app,
+    instruction,
+    make_context,
+    make_message,
+    max_abs_diff,
+    server_app,
+    task,
+)
 
 
 def test_pyproject_run_config_equals_the_app_defaults():
@@ -127,8 +81,8 @@ def test_client_train_reply_is_labsupport_local_update_with_the_simulator_seed()
     model = task.make_model("mlp", seed=3)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     reply = client_app.app(
-        _message(_instruction(global_state, config, server_round=2), MessageType.TRAIN, 104),
-        _context(4, 10),
+        make_message(instruction(global_state, config, server_round=2), MessageType.TRAIN, 104),
+        make_context(4, 10),
     )
     assert not reply.has_error()
     assert reply.metadata.reply_to_message_id == "m"
@@ -137,21 +91,21 @@ def test_client_train_reply_is_labsupport_local_update_with_the_simulator_seed()
     assert metrics["num-examples"] == len(y) == 400
 
     expected, result = local_update(
-        task.make_model("mlp"), global_state, x, y, epochs=1, batch_size=10, lr=0.05,
+        task.make_model("mlp"), global_state, x, y, TrainConfig(1, 10, 0.05),
         seed=client_seed(3, 2, 4),
     )  # fmt: skip
     got = reply.content["arrays"].to_torch_state_dict()
-    assert _max_abs_diff(got, expected) == 0.0
+    assert max_abs_diff(got, expected) == 0.0
     assert metrics["train_loss"] == pytest.approx(result.loss)
-    assert _max_abs_diff(got, global_state) > 0  # it did train
+    assert max_abs_diff(got, global_state) > 0  # it did train
 
 
 def test_client_evaluate_reports_the_node_test_partition():
     config = task.AppConfig(num_partitions=4)
     model = task.make_model("mlp", seed=0)
     reply = client_app.app(
-        _message(_instruction(model.state_dict(), config, 1), MessageType.EVALUATE, 102),
-        _context(2, 4),
+        make_message(instruction(model.state_dict(), config, 1), MessageType.EVALUATE, 102),
+        make_context(2, 4),
     )
     x, y = task.client_partitions(4, "iid", 0, split="test")[2]
     expected = evaluate(model, x, y)
@@ -164,10 +118,10 @@ def test_client_evaluate_reports_the_node_test_partition():
 
 def test_client_keeps_its_partition_in_context_state_across_messages():
     config = task.AppConfig(num_partitions=4)
-    context = _context(1, 4)
+    context = make_context(1, 4)
     model = task.make_model("mlp", seed=0)
     client_app.app(
-        _message(_instruction(model.state_dict(), config, 1), MessageType.TRAIN, 101), context
+        make_message(instruction(model.state_dict(), config, 1), MessageType.TRAIN, 101), context
     )
     key = "partition-train-iid-4-0"
     assert key in context.state
@@ -181,7 +135,7 @@ def test_client_without_partition_id_says_how_to_start_the_supernode():
     model = task.make_model("mlp", seed=0)
     with pytest.raises(ValueError, match="--node-config"):
         client_app.app(
-            _message(_instruction(model.state_dict(), config, 1), MessageType.TRAIN, 5), context
+            make_message(instruction(model.state_dict(), config, 1), MessageType.TRAIN, 5), context
         )
 
 
@@ -190,8 +144,8 @@ def test_client_partition_id_out_of_range_is_rejected():
     model = task.make_model("mlp", seed=0)
     with pytest.raises(ValueError, match="partition-id 2 is outside 0..1"):
         client_app.app(
-            _message(_instruction(model.state_dict(), config, 1), MessageType.TRAIN, 5),
-            _context(2, 2),
+            make_message(instruction(model.state_dict(), config, 1), MessageType.TRAIN, 5),
+            make_context(2, 2),
         )
 
 
@@ -206,8 +160,8 @@ def test_one_round_of_flower_fedavg_equals_one_round_of_labsupport(scheme):
 
     replies = [
         client_app.app(
-            _message(_instruction(initial, config, 1), MessageType.TRAIN, 100 + i, f"m{i}"),
-            _context(i, k),
+            make_message(instruction(initial, config, 1), MessageType.TRAIN, 100 + i, f"m{i}"),
+            make_context(i, k),
         )
         for i in range(k)
     ]
@@ -229,8 +183,8 @@ def test_one_round_of_flower_fedavg_equals_one_round_of_labsupport(scheme):
     )
     record = sim.run_round()
     assert record.clients == list(range(k)) and not record.rejected
-    assert _max_abs_diff(flower_state, sim.global_state) < 1e-6
-    assert _max_abs_diff(flower_state, initial) > 1e-3
+    assert max_abs_diff(flower_state, sim.global_state) < 1e-6
+    assert max_abs_diff(flower_state, initial) > 1e-3
     # Flower's MetricRecord average is weighted by num-examples too
     losses = [float(r.content["metrics"]["train_loss"]) for r in replies]
     assert metrics["train_loss"] == pytest.approx(np.average(losses, weights=sizes))
@@ -239,66 +193,12 @@ def test_one_round_of_flower_fedavg_equals_one_round_of_labsupport(scheme):
 # ------------------------------------------------------------------------- ServerApp, in process
 
 
-class _InProcessGrid(Grid):
-    """A Grid that hands every message straight to the ClientApp of its node (no SuperLink)."""
-
-    def __init__(self, num_nodes: int) -> None:
-        self.contexts = {100 + i: _context(i, num_nodes) for i in range(num_nodes)}
-
-    def set_run(self, run) -> None:  # pragma: no cover - not used by strategies
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(
-        self, content, message_type, dst_node_id, group_id, ttl=None
-    ):  # pragma: no cover
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:
-        return [self._deliver(m) for m in messages]
-
-    def _deliver(self, message: Message) -> Message:
-        return client_app.app(message, self.contexts[message.metadata.dst_node_id])
-
-
-class _FlakyGrid(_InProcessGrid):
-    """Nodes in ``failing`` answer with an error reply, as Flower sends when a ClientApp raises."""
-
-    def __init__(self, num_nodes: int, failing: set[int]) -> None:
-        super().__init__(num_nodes)
-        self.failing = {100 + i for i in failing}
-
-    def _deliver(self, message: Message) -> Message:
-        if message.metadata.dst_node_id in self.failing:
-            return Message(Error(code=1, reason="ClientApp raised boom"), reply_to=message)
-        return super()._deliver(message)
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Messages a strategy creates take their run/node ids from TaskIdentity, set by a runtime."""
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
-
-
 def test_server_app_two_rounds_match_labsupport_and_write_the_results_file(tmp_path, task_identity):
     k = 3
     results_file = tmp_path / "out" / "results.json"
     config = task.AppConfig(num_server_rounds=2, num_partitions=k, results_file=str(results_file))
     seen: list[dict] = []
-    out = server_app.run_fedavg(_InProcessGrid(k), config, on_round=seen.append)
+    out = server_app.run_fedavg(InProcessGrid(k), config, on_round=seen.append)
 
     sim = FedAvgSimulation(
         task.make_model("mlp", seed=0),
@@ -312,40 +212,42 @@ def test_server_app_two_rounds_match_labsupport_and_write_the_results_file(tmp_p
         assert row["accuracy"] == pytest.approx(rec.accuracy, abs=1e-9)
         assert row["loss"] == pytest.approx(rec.loss, abs=1e-5)
         assert math.isfinite(row["train_loss"])
-    assert _max_abs_diff(out["state_dict"], sim.global_state) < 1e-6
+    assert max_abs_diff(out["state_dict"], sim.global_state) < 1e-6
 
     saved = json.loads(results_file.read_text())
     assert saved["status"] == "completed"
     assert saved["history"] == json.loads(json.dumps(out["history"]))
     assert saved["config"]["num-server-rounds"] == 2
     model_state = torch.load(saved["model_file"])
-    assert _max_abs_diff(model_state, out["state_dict"]) == 0.0
-    assert [(r["clients"], r["errors"]) for r in out["history"][1:]] == [(3, []), (3, [])]
+    assert max_abs_diff(model_state, out["state_dict"]) == 0.0
+    assert [(r["clients"], r["errors"]) for r in out["history"][1:]] == [([0, 1, 2], [])] * 2
 
 
 def test_server_app_records_a_failed_client_and_averages_the_others(task_identity):
     config = task.AppConfig(num_server_rounds=1, num_partitions=3)
-    out = server_app.run_fedavg(_FlakyGrid(3, failing={1}), config)
-    assert out["history"][1]["clients"] == 2
+    out = server_app.run_fedavg(FlakyGrid(3, failing={1}), config)
+    assert out["history"][1]["clients"] == [0, 2]
     assert out["history"][1]["errors"] == ["ClientApp raised boom"]
 
     # FedAvg over the survivors, clients 0 and 2, weighted by their sample counts
     initial = task.make_model("mlp", seed=0).state_dict()
     parts = task.client_partitions(3)
     states = [
-        local_update(task.make_model("mlp"), initial, *parts[i], seed=client_seed(0, 1, i))[0]
+        local_update(
+            task.make_model("mlp"), initial, *parts[i], TrainConfig(), seed=client_seed(0, 1, i)
+        )[0]
         for i in (0, 2)
     ]
     n0, n2 = len(parts[0][1]), len(parts[2][1])
     expected = {k: (n0 * states[0][k] + n2 * states[1][k]) / (n0 + n2) for k in initial}
-    assert _max_abs_diff(out["state_dict"], expected) < 1e-6
+    assert max_abs_diff(out["state_dict"], expected) < 1e-6
 
 
 def test_server_app_fails_loudly_when_no_client_trained(tmp_path, task_identity):
     results_file = tmp_path / "results.json"
     config = task.AppConfig(num_server_rounds=2, num_partitions=2, results_file=str(results_file))
     with pytest.raises(RuntimeError, match="none of the 2 sampled clients trained"):
-        server_app.run_fedavg(_FlakyGrid(2, failing={0, 1}), config)
+        server_app.run_fedavg(FlakyGrid(2, failing={0, 1}), config)
     saved = json.loads(results_file.read_text())
     assert saved["status"] == "failed" and "boom" in saved["error"]
     assert [r["round"] for r in saved["history"]] == [0]
@@ -357,7 +259,7 @@ def test_make_server_app_rejects_a_bad_override_before_anything_runs():
 
 
 def test_run_flower_simulation_rejects_bad_arguments_before_starting_ray():
-    from labsupport.fl.flower import run_flower_simulation
+    from labsupport.flower.simulation import run_flower_simulation
 
     with pytest.raises(ValueError, match="num_supernodes"):
         run_flower_simulation(0)

@@ -1,12 +1,15 @@
 """Chapter 01's Flower app, run in Flower's Simulation Engine from Python (a notebook, a benchmark).
 
 The app is ``flower_app/fedmnist1d`` (Flower 1.42, Message API): the same FedAvg on MNIST-1D as
-:class:`labsupport.fl.FedAvgSimulation`, written as Flower writes apps. :func:`run_flower_simulation`
+:class:`labsupport.fl.server.FedAvgSimulation`, written as Flower writes apps. :func:`run_flower_simulation`
 runs it with ``flwr.simulation.run_simulation`` -- the Ray backend, one virtual SuperNode per client,
 ``backend_config={"client_resources": {"num_cpus": 1}}`` -- and returns the central accuracy per
 round, the final state dict and the wall time. Chapter 01 uses it to put the two side by side
-(``python -m labsupport.bench flower_vs_labsupport``); :mod:`labsupport.fl.deployment` runs the same
-app on real processes instead (SuperLink + SuperNodes, ``flwr run``).
+(``python -m labsupport.bench flower_vs_labsupport``); :mod:`labsupport.flower.deployment` runs the
+same app on real processes instead (SuperLink + SuperNodes, ``flwr run``). The ServerApp aggregates
+with any :class:`labsupport.fl.aggregators.Aggregator` through :mod:`labsupport.flower.bridge`
+(``aggregator="median"``, ...), and the history comes back as the course's unified
+:class:`labsupport.fl.history.History` (:meth:`~labsupport.fl.history.History.from_flower`).
 
 How the configuration reaches the apps: ``run_simulation`` reads no ``pyproject.toml`` and gives the
 ServerApp an empty ``context.run_config``, and it has no argument for one. So the ServerApp is built
@@ -27,6 +30,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,20 +39,15 @@ from typing import Any
 
 import torch
 
+from labsupport.fl.history import History
+
+from .processes import OFFLINE_ENV, descendants
+
 __all__ = ["APP_DIR", "import_app", "run_flower_simulation"]
 
 #: ``flower_app/`` in the repository: the Flower app chapter 01 runs (``$LAB_FLOWER_APP`` overrides).
 APP_DIR = Path(os.environ.get("LAB_FLOWER_APP", Path(__file__).resolve().parents[2] / "flower_app"))
 APP_PACKAGE = "fedmnist1d"
-
-_OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences a FutureWarning of Ray 2.5x
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-}
 
 
 def import_app(app_dir: str | os.PathLike | None = None) -> dict[str, ModuleType]:
@@ -110,6 +109,7 @@ def run_flower_simulation(
     seed: int | None = None,
     model: str = "mlp",
     scheme: str = "iid",
+    aggregator: str | None = None,
     num_cpus_per_client: int = 1,
     app_dir: str | os.PathLike | None = None,
     verbose: bool = False,
@@ -117,16 +117,20 @@ def run_flower_simulation(
     """Run the Flower app with ``run_simulation`` on ``num_supernodes`` virtual SuperNodes (Ray).
 
     Arguments left at ``None`` take the app's defaults (``fedmnist1d.task.AppConfig``: 5 rounds,
-    C = 1, 1 local epoch, B = 10, lr 0.05, seed 0); ``batch_size=0`` is full batch. Client ``i`` holds
-    partition ``i`` of ``labsupport.noniid.partition(y_train, num_supernodes, scheme, seed=seed)``.
+    C = 1, 1 local epoch, B = 10, lr 0.05, seed 0, ``aggregator="weighted-mean"``, i.e. FedAvg);
+    ``batch_size=0`` is full batch; ``aggregator`` is a name of
+    :func:`labsupport.flower.bridge.make_aggregator` (``"median"``, ``"trimmed-mean:0.1"``, ...). Client ``i`` holds
+    partition ``i`` of ``labsupport.partitions.partition(y_train, num_supernodes, scheme, seed=seed)``.
     ``num_cpus_per_client`` is the Ray resource each ClientApp asks for, so at most
     ``cores // num_cpus_per_client`` clients train at once. ``verbose`` shows Flower's INFO log and
     Ray's output. Offline defaults (no telemetry, no Ray usage stats, Hugging Face offline) are set
     in ``os.environ`` where unset; ``PYTHONPATH`` and torch's thread count are restored afterwards.
 
-    Returns ``{"history": [{"round", "accuracy", "loss", "train_loss", ...}], "rounds", "accuracy",
-    "loss", "final_accuracy", "state_dict", "seconds" (wall, Ray start-up included),
-    "server_seconds" (the ServerApp's own time), "config"}``; round 0 is the initial model.
+    Returns ``{"history": History, "rows": [{"round", "accuracy", "loss", "train_loss", ...}],
+    "rounds", "accuracy", "loss", "initial_accuracy", "final_accuracy", "state_dict", "seconds"
+    (wall, Ray start-up included), "server_seconds" (the ServerApp's own time), "config"}``.
+    ``history`` is :meth:`History.from_flower` of the rows (rounds 1..T); ``rows``, ``rounds``,
+    ``accuracy`` and ``loss`` start at round 0, the initial model.
     """
     if not isinstance(num_supernodes, int) or num_supernodes < 1:
         raise ValueError(f"num_supernodes must be a positive integer, got {num_supernodes!r}")
@@ -139,7 +143,7 @@ def run_flower_simulation(
         raise ValueError(
             f"num_cpus_per_client={num_cpus_per_client} but this machine has {cores} cores"
         )
-    for key, value in _OFFLINE_ENV.items():
+    for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
 
     start = time.perf_counter()
@@ -154,6 +158,7 @@ def run_flower_simulation(
         "seed": seed,
         "model": model,
         "partition-scheme": scheme,
+        "aggregator": aggregator,
         "num-partitions": num_supernodes,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
@@ -194,9 +199,8 @@ def run_flower_simulation(
             verbose_logging=verbose,
         )
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        _wait_for_ray_processes()
+        ray.shutdown()  # also after a failed start: it tears down a half-started node
+        _stop_ray_processes()
         flwr_logger.removeFilter(quiet)
         if saved_pythonpath is None:  # Flower's Ray backend rewrites PYTHONPATH in os.environ
             os.environ.pop("PYTHONPATH", None)
@@ -208,12 +212,14 @@ def run_flower_simulation(
             "the Flower simulation ended without results from its ServerApp; "
             "run again with verbose=True to see Flower's log"
         )
-    history = results["history"]
+    rows = results["history"]
     return {
-        "history": history,
-        "rounds": [r["round"] for r in history],
-        "accuracy": [r["accuracy"] for r in history],
-        "loss": [r["loss"] for r in history],
+        "history": History.from_flower(rows),
+        "rows": rows,
+        "rounds": [r["round"] for r in rows],
+        "accuracy": [r["accuracy"] for r in rows],
+        "loss": [r["loss"] for r in rows],
+        "initial_accuracy": rows[0]["accuracy"] if rows else None,
         "final_accuracy": results["final_accuracy"],
         "state_dict": results["state_dict"],
         "seconds": time.perf_counter() - start,
@@ -222,38 +228,25 @@ def run_flower_simulation(
     }
 
 
-def _descendants(pid: int) -> list[tuple[int, str]]:
-    """``(pid, command line)`` of every live descendant of ``pid`` (Linux ``/proc``; else empty)."""
-    children: dict[int, list[int]] = {}
-    cmdlines: dict[int, str] = {}
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-        cmdlines[int(entry.name)] = cmd
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        out.append((child, cmdlines.get(child, "")))
-        todo.extend(children.get(child, []))
-    return out
-
-
-def _wait_for_ray_processes(timeout: float = 15.0) -> None:
-    """``ray.shutdown`` returns before Ray's processes have exited: wait for them (bounded)."""
+def _stop_ray_processes(timeout: float = 15.0) -> None:
+    """``ray.shutdown`` returns before Ray's processes have exited, and leaves them running when Ray
+    failed to start (e.g. "node timed out during startup" on a loaded machine): wait for this
+    process's Ray children (bounded), then SIGTERM and SIGKILL the ones left, by pid."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any("ray" in cmd for _, cmd in _descendants(os.getpid())):
+        if not _ray_children():
             return
         time.sleep(0.2)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _ray_children():
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + 5.0
+        while _ray_children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _ray_children() -> list[int]:
+    return [pid for pid, cmd in descendants(os.getpid()) if "ray" in cmd]

@@ -13,47 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+from flower_testlib import assert_all_stopped, ours
 
-from labsupport.fl.deployment import TAG, DeploymentError, LocalDeployment
+from labsupport.flower.deployment import DeploymentError, LocalDeployment
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inspects /proc"),
 ]
-
-
-def _live_processes() -> dict[int, tuple[int, str, bytes]]:
-    """pid -> (process group, command line, environment) of every live, non-zombie process."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            out[int(entry.name)] = (int(fields[2]), cmd, env)
-    return out
-
-
-def _ours(deployment: LocalDeployment) -> dict[int, str]:
-    """Live processes that carry this deployment's tag, with their command lines."""
-    tag = f"{TAG}={deployment.token}".encode()
-    return {pid: cmd for pid, (_, cmd, env) in _live_processes().items() if tag in env.split(b"\0")}
-
-
-def _assert_all_stopped(deployment: LocalDeployment, seen: dict[int, str]) -> None:
-    live = _live_processes()
-    left = {pid: cmd for pid, cmd in seen.items() if pid in live}
-    assert not left, f"still running after close(): {left}"
-    groups = {pid for pid in deployment.started_pids}  # start_new_session: group id == pid
-    in_groups = {pid: cmd for pid, (pgid, cmd, _) in live.items() if pgid in groups}
-    assert not in_groups, f"processes left in the started process groups: {in_groups}"
-    assert _ours(deployment) == {}
-    assert deployment.alive() == []
 
 
 def test_two_supernodes_train_two_rounds_then_everything_stops(tmp_path):
@@ -65,13 +32,15 @@ def test_two_supernodes_train_two_rounds_then_everything_stops(tmp_path):
     with deployment:
         ready = time.perf_counter() - start
         results = deployment.run({"num-server-rounds": 2}, on_line=lines.append, timeout=300)
-        seen = _ours(deployment)
+        seen = ours(deployment)
         config_toml = (tmp_path / "flwr-home" / "config.toml").read_text()
     total = time.perf_counter() - start
 
     assert results["status"] == "completed"
-    rounds = [r["round"] for r in results["history"]]
-    accuracy = [r["accuracy"] for r in results["history"]]
+    rounds = [r["round"] for r in results["rows"]]
+    accuracy = [r["accuracy"] for r in results["rows"]]
+    assert results["history"].evaluated()[0] == [1, 2]
+    assert results["history"].column("clients") == [[0, 1], [0, 1]]
     assert rounds == [0, 1, 2]
     assert accuracy[2] > accuracy[0] + 0.05, accuracy
     assert results["config"]["num-partitions"] == 2
@@ -82,7 +51,7 @@ def test_two_supernodes_train_two_rounds_then_everything_stops(tmp_path):
     commands = " | ".join(seen.values())
     assert commands.count("flower-superexec") >= 3, commands  # the SuperLink's + one per SuperNode
     assert commands.count("flower-supernode") == 2
-    _assert_all_stopped(deployment, seen)
+    assert_all_stopped(deployment, seen)
     assert deployment.connection not in (tmp_path / "flwr-home" / "config.toml").read_text()
     print(f"ready after {ready:.1f} s, run + stop done after {total:.1f} s")
 
@@ -97,11 +66,11 @@ def test_failed_runs_raise_with_their_reason_and_close_still_stops_everything(tm
             # refused by the SuperLink: the key is not in [tool.flwr.app.config]
             with pytest.raises(DeploymentError, match="Invalid run configuration"):
                 deployment.run({"no-such-knob": 1}, stream=False, timeout=120)
-            seen = _ours(deployment)
+            seen = ours(deployment)
             # accepted, then the ServerApp raises; the error reaches the caller
             deployment.run({"lr": -1.0}, stream=False, timeout=120)
     assert len(seen) >= 3
-    _assert_all_stopped(deployment, seen)
+    assert_all_stopped(deployment, seen)
 
 
 def test_a_deployment_refuses_a_folder_without_a_flower_app(tmp_path):
