@@ -52,8 +52,10 @@ test-gpu: $(STAMP)
 	@set +e; $(PY) -m pytest tests -m "gpu or jetson"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no GPU/Jetson tests selected here"; exit 0; fi; exit $$rc
 
+# JupyterLab on the project's Python with the repository's settings (jupyter/): offline and quiet
+# (no news, no update check, no PyPI listing), loopback only, no first-start questions.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) -m labsupport.labserver notebooks/
 
 # The main job: every notebook in full mode (executed copies and figures under results/), the
 # benchmarks, and the results table in results/README.md. It writes nothing tracked: refreshing the
@@ -66,6 +68,8 @@ results: $(STAMP)
 			$$nb $(RESULTS)/notebooks/$$(basename $$nb) || exit 1; \
 		echo "   $$(( $$(date +%s) - start )) s"; \
 	done
+	$(PY) -m labsupport.notebook_check $(RESULTS)/notebooks
+	LAB_BROWSER_NOTEBOOKS=all $(PY) -m pytest tests/browser -q
 	$(MAKE) bench report
 
 bench: $(STAMP)
