@@ -62,11 +62,13 @@ lab: $(STAMP)
 # README's own table from those results is a maintainer's step, `make readme-table`.
 results: $(STAMP)
 	mkdir -p $(RESULTS)/notebooks
+	rm -f $(RESULTS)/notebook_times.tsv
 	@for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; start=$$(date +%s); \
 		LAB_RESULTS_DIR=$(abspath $(RESULTS)) $(VENV)/bin/papermill --cwd notebooks --kernel python3 \
 			$$nb $(RESULTS)/notebooks/$$(basename $$nb) || exit 1; \
-		echo "   $$(( $$(date +%s) - start )) s"; \
+		secs=$$(( $$(date +%s) - start )); echo "   $$secs s"; \
+		printf '%s\t%s\n' "$$(basename $$nb)" "$$secs" >> $(RESULTS)/notebook_times.tsv; \
 	done
 	$(PY) -m labsupport.notebook_check $(RESULTS)/notebooks
 	LAB_BROWSER_NOTEBOOKS=all $(PY) -m pytest tests/browser -q

@@ -1,8 +1,10 @@
-"""``python -m labsupport.report``: the results table, regenerated from ``results/bench/*.json``.
+"""``python -m labsupport.report``: the results tables, regenerated from what ``make all`` measured.
 
-The README's table sits between ``<!-- results:begin -->`` and ``<!-- results:end -->`` and is never
-edited by hand: ``make results`` runs the benchmarks, then this command rewrites the table from their
-JSON files (and writes the same table to ``results/README.md``).
+Two tables, never edited by hand: the benchmarks' (from ``results/bench/*.json``) and the notebooks'
+full-mode wall times (from ``results/notebook_times.tsv``, one ``<notebook>\t<seconds>`` line per
+notebook, written by ``make all``). Both go to ``results/README.md``; with ``--readme README.md``
+(``make readme-table``, a maintainer's step) they also replace the blocks between
+``<!-- results:begin -->``/``<!-- results:end -->`` and ``<!-- times:begin -->``/``<!-- times:end -->``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from labsupport.bench import results_dir
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+TIMES_BEGIN, TIMES_END = "<!-- times:begin -->", "<!-- times:end -->"
 
 
 def _fmt(value: object) -> str:
@@ -55,14 +58,30 @@ def table(bench_dir: Path) -> str:
     return "\n".join(rows)
 
 
-def update_readme(readme: Path, text: str) -> None:
-    """Replace the block between the markers in ``readme`` with ``text``."""
+def times_table(times_file: Path) -> str | None:
+    """A markdown table of notebook wall times from ``make all``'s TSV, or None if it is missing."""
+    if not times_file.exists():
+        return None
+    rows = ["| notebook | full-mode wall time |", "|---|---|"]
+    for line in times_file.read_text().splitlines():
+        if not line.strip():
+            continue
+        name, seconds = line.split("\t")
+        minutes, secs = divmod(round(float(seconds)), 60)
+        rows.append(
+            f"| `{name}` | {minutes} min {secs:02d} s |" if minutes else f"| `{name}` | {secs} s |"
+        )
+    return "\n".join(rows)
+
+
+def update_readme(readme: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block between the markers ``begin`` and ``end`` in ``readme`` with ``text``."""
     content = readme.read_text()
-    if BEGIN not in content or END not in content:
-        raise ValueError(f"{readme} has no {BEGIN} ... {END} block to replace")
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    if begin not in content or end not in content:
+        raise ValueError(f"{readme} has no {begin} ... {end} block to replace")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,11 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bench_dir = Path(args.bench_dir) if args.bench_dir else results_dir() / "bench"
     text = table(bench_dir)
+    times = times_table(bench_dir.parent / "notebook_times.tsv")
     out = bench_dir.parent / "README.md"
-    out.write_text("# Results\n\n" + text + "\n")
+    body = "# Results\n\n" + text + "\n"
+    if times:
+        body += "\n## Notebooks (full mode)\n\n" + times + "\n"
+    out.write_text(body)
     if args.readme:
         update_readme(Path(args.readme), text)
-    print(text)
+        if times:
+            update_readme(Path(args.readme), times, TIMES_BEGIN, TIMES_END)
+    print(body)
     return 0
 
 
