@@ -43,7 +43,7 @@ format: $(STAMP)
 # Unit tests, then every notebook in smoke mode (LAB_SMOKE=1 shrinks rounds and data, keeps every
 # code path). pytest's exit code 5 means it collected nothing: that is a broken test run here.
 test: lint
-	@set +e; LAB_SMOKE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+	@set +e; LAB_SMOKE=1 $(PY) -m pytest tests notebooks solutions --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=1200 --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: check the paths above"; exit 1; fi; exit $$rc
 
