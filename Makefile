@@ -71,6 +71,7 @@ results: $(STAMP)
 		printf '%s\t%s\n' "$$(basename $$nb)" "$$secs" >> $(RESULTS)/notebook_times.tsv; \
 	done
 	$(PY) -m labsupport.notebook_check $(RESULTS)/notebooks
+	$(PY) -m labsupport.answer_key $(RESULTS)/notebooks $(RESULTS)/answer_key
 	LAB_BROWSER_NOTEBOOKS=all $(PY) -m pytest tests/browser -q
 	$(MAKE) bench report
 

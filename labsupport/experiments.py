@@ -7,17 +7,21 @@ split into *train* and *validation* (:func:`validation_split`); :func:`tune_lr` 
 rate that reaches the target in the fewest rounds *on validation*, and :func:`rounds_to_target`
 records validation and test accuracy side by side so a notebook reports test numbers for a choice
 it made without them. ``labsupport.bench`` only measures; it calls these.
+
+:func:`local_only` is the reference every FL curve stands beside (STYLE.md rule 6): each client
+trains alone on its own data, from the same initial model, with no communication at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from labsupport.data import load_dataset
-from labsupport.fl import DataClient, FedAvgConfig, FedAvgSimulation, History
+from labsupport.fl import DataClient, FedAvgConfig, FedAvgSimulation, History, client_seed
+from labsupport.fl.vectorized import vectorized_local_updates
 from labsupport.models import build_model
 from labsupport.partitions import partition
 from labsupport.train import evaluate
@@ -25,6 +29,7 @@ from labsupport.train import evaluate
 __all__ = [
     "RunToTarget",
     "clients_from_parts",
+    "local_only",
     "mnist1d_clients",
     "rounds_to_target",
     "tune_lr",
@@ -142,3 +147,44 @@ def tune_lr(
     reached = {lr: r.rounds for lr, r in runs.items() if r.rounds is not None}
     best = min(reached, key=lambda lr: (reached[lr], lr)) if reached else None
     return best, runs
+
+
+def local_only(
+    clients: Sequence[DataClient],
+    splits: Mapping[str, Split],
+    *,
+    model: str = "mlp",
+    epochs: int = 20,
+    batch_size: int | None = 10,
+    lr: float = 0.1,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Local-only training: every client trains alone, then each model is scored on every split.
+
+    Client ``k`` runs ``epochs`` epochs of plain SGD (batch ``batch_size``, rate ``lr``) on its own
+    ``(x, y)`` from ``build_model(model, seed=seed)``, its batch order seeded with
+    ``client_seed(seed, 0, k)`` -- what :func:`~labsupport.fl.clients.local_update` would compute,
+    for all clients at once (:func:`~labsupport.fl.vectorized.vectorized_local_updates`). Returns
+    ``{split name: [accuracy of client 0's model, client 1's, ...]}`` (fractions in [0, 1]).
+    """
+    if len(clients) == 0:
+        raise ValueError("local_only needs at least one client; got none")
+    if not splits:
+        raise ValueError("local_only needs at least one (x, y) split to score the models on")
+    net = build_model(model, seed=seed)
+    initial = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    states, _ = vectorized_local_updates(
+        net,
+        initial,
+        [(c.x, c.y) for c in clients],
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seeds=[client_seed(seed, 0, k) for k in range(len(clients))],
+    )
+    scores: dict[str, list[float]] = {name: [] for name in splits}
+    for state in states:
+        net.load_state_dict(state)
+        for name, (x, y) in splits.items():
+            scores[name].append(evaluate(net, x, y)["accuracy"])
+    return scores
