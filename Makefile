@@ -10,6 +10,9 @@ PY := $(VENV)/bin/python
 # with (on these machines, from local disk). Jetson: install into NVIDIA's L4T PyTorch container
 # with `make install TORCH_SPEC=` to keep its own torch (see README).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Extra `python -m venv` flags. In an L4T container, VENV_ARGS=--system-site-packages lets the venv
+# see the image's CUDA torch and TensorRT (a plain venv cannot, and pip would fetch a CPU torch).
+VENV_ARGS ?=
 STAMP := $(VENV)/.installed
 RESULTS ?= results
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -26,7 +29,7 @@ all: results
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(if $(strip $(TORCH_SPEC)),$(PY) -m pip install $(TORCH_SPEC))
 	$(PY) -m pip install -e ".[dev]"
@@ -51,6 +54,16 @@ test: lint
 test-gpu: $(STAMP)
 	@set +e; $(PY) -m pytest tests -m "gpu or jetson"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no GPU/Jetson tests selected here"; exit 0; fi; exit $$rc
+
+# The prepared check on a CUDA machine (CI: .github/workflows/ci-gpu.yml, ci-jetson.yml): installs
+# the gpu extra (may fail: TensorRT comes from NVIDIA's index), prints the device report, runs
+# test-gpu and notebook 04 with LAB_DEVICE=cuda in smoke mode, writes results/gpu_check/summary.json.
+# Without a CUDA GPU it stops with a one-line reason (exit 3). GPU_CHECK_ARGS=--skip-install on a
+# Jetson image that ships TensorRT; --dry-run lists the commands.
+.PHONY: gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(PY) -m labsupport.gpu_check --out $(RESULTS)/gpu_check $(GPU_CHECK_ARGS)
 
 # JupyterLab on the project's Python with the repository's settings (jupyter/): offline and quiet
 # (no news, no update check, no PyPI listing), loopback only, no first-start questions.
