@@ -40,6 +40,9 @@ def test_every_chapters_benchmarks_are_found_without_a_module_list():
         "accountants",
         "privacy_utility",
         "secagg_cost",
+        "noniid_sweep",  # 03
+        "robust_attacks",
+        "aggregator_speed",
         "edge_table",  # 04
         "hybrid",  # 05
     } <= names

@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +126,9 @@ class FedAvgSimulation:
     * ``transforms`` -- :class:`~labsupport.fl.transforms.UpdateTransform` objects, applied in order
       on the client and in reverse on the server; bytes up are those of the serialized payloads;
     * ``count_policy`` -- how claimed sample counts become weights (default: trust them);
+    * ``selector`` -- who trains each round: a function of
+      :func:`~labsupport.fl.selection.select_clients`'s signature (chapter 03's power-of-choice,
+      :mod:`labsupport.fl.client_selection`); the default samples uniformly;
     * ``device`` -- where the clients train and the model is evaluated (default: ``$LAB_DEVICE`` if
       set, else the model's); the global state, payloads and checkpoints stay on the CPU;
     * ``checkpoint_dir`` -- the global model, history and the state of the aggregator and the
@@ -144,6 +147,7 @@ class FedAvgSimulation:
         aggregator: Aggregator | None = None,
         transforms: Sequence[UpdateTransform] = (),
         count_policy: CountPolicy | None = None,
+        selector: Callable[..., list[int]] | None = None,
         device: torch.device | str | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = True,
@@ -173,6 +177,7 @@ class FedAvgSimulation:
                 f"of the updates, so {self.aggregator!r} cannot see them one by one: use WeightedMean"
             )
         self.count_policy = count_policy or CountPolicy()
+        self.selector = selector if selector is not None else select_clients
         if device is None and os.environ.get("LAB_DEVICE"):
             device = get_device()  # LAB_DEVICE (cpu, cuda, mps) is honoured end to end
         self.device = torch.device(device) if device is not None else None
@@ -323,6 +328,24 @@ class FedAvgSimulation:
         validate_update(g, new, 1, client="aggregate")  # our own code: a bad result is a bug
         return clone_state(new)
 
+    def _select(self, server_round: int) -> list[int]:
+        """The round's cohort from ``self.selector`` (``select_clients``'s signature), checked."""
+        cfg = self.config
+        chosen = self.selector(
+            len(self.clients),
+            cfg.fraction_train,
+            min_clients=cfg.min_train_clients,
+            seed=cfg.seed,
+            server_round=server_round,
+        )
+        ids = [int(c) for c in chosen]
+        if not ids or len(set(ids)) != len(ids) or not all(0 <= c < len(self.clients) for c in ids):
+            raise ValueError(
+                f"selector {getattr(self.selector, '__name__', self.selector)!r} returned {chosen!r} "
+                f"in round {server_round}; expected distinct client ids in [0, {len(self.clients)})"
+            )
+        return sorted(ids)
+
     def run_round(self, *, evaluate_now: bool | None = None) -> RoundRecord:
         """One round of Algorithm 1; returns (and records) what happened.
 
@@ -332,13 +355,7 @@ class FedAvgSimulation:
         start = time.perf_counter()
         server_round = self.round + 1
         cfg = self.config
-        selected = select_clients(
-            len(self.clients),
-            cfg.fraction_train,
-            min_clients=cfg.min_train_clients,
-            seed=cfg.seed,
-            server_round=server_round,
-        )
+        selected = self._select(server_round)
         instructions = self.aggregator.instructions(server_round, clone_state(self.global_state))
         accepted, payloads, rejected, bytes_up, extra = self._collect(selected, instructions)
         if accepted:

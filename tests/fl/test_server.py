@@ -406,3 +406,23 @@ def test_run_evaluates_the_last_round_it_runs_even_off_schedule():
     assert history.evaluated()[0] == [3]
     assert sim.run_round(evaluate_now=False).accuracy is None
     assert sim.run_round(evaluate_now=True).accuracy is not None
+
+
+def test_a_selector_decides_who_trains_and_a_bad_one_is_refused_with_its_output():
+    def always_first_two(num_clients, fraction, *, min_clients, seed, server_round):
+        return [1, 0]
+
+    cfg = FedAvgConfig(num_rounds=2, fraction_train=0.5, batch_size=5)
+    clients, _ = _clients()
+    sim = FedAvgSimulation(
+        build_model("mlp", seed=0), clients, None, cfg, selector=always_first_two
+    )
+    sim.run(progress=False)
+    assert sim.history.column("clients") == [[0, 1], [0, 1]]
+
+    def repeats(num_clients, fraction, **kw):
+        return [2, 2]
+
+    bad = FedAvgSimulation(build_model("mlp", seed=0), clients, None, cfg, selector=repeats)
+    with pytest.raises(ValueError, match=r"returned \[2, 2\] in round 1; expected distinct"):
+        bad.run_round()
