@@ -3,6 +3,9 @@
 * chapter 01 -- top-k sparsification *with error feedback* (Stich, Cordonnier & Jaggi 2018):
   ``p = e + Δ``, send the ``k = max(1, round(fraction * numel))`` entries of largest magnitude,
   keep ``e = p - sent`` (reference: :mod:`labsupport.fl.compression`);
+* chapter 02 -- pairwise masks that cancel in the sum (Bonawitz et al., CCS 2017, Section 4):
+  ``y_u = x_u + Σ_{v > u} PRG(s_uv) - Σ_{v < u} PRG(s_uv) mod 2^bits`` with the ChaCha20 PRG of
+  :func:`labsupport.privacy.secagg_masking.prg` (reference: the same arithmetic, written here);
 * chapter 03 -- the coordinate-wise trimmed mean (Yin et al. 2018), correct at a trim of zero
   (reference: ``scipy.stats.trim_mean``, which cuts ``int(beta * n)`` values from each end);
 * chapter 04 -- the distillation loss (Hinton, Vinyals & Dean 2015): ``T^2 * KL(p_teacher^T ||
@@ -21,6 +24,7 @@ from torch.nn import functional as F
 
 from labsupport.fl.compression import densify, num_kept, topk_sparsify
 from labsupport.hybrid.cache import LRUCache
+from labsupport.privacy.secagg_masking import prg
 
 from ._core import CheckFailed, call, close, ensure, passed, rng
 
@@ -28,6 +32,7 @@ __all__ = [
     "check_distillation_loss",
     "check_error_feedback",
     "check_lru_cache",
+    "check_pairwise_masks",
     "check_trimmed_mean",
 ]
 
@@ -250,3 +255,111 @@ def check_lru_cache(make_cache: Callable, *, steps: int = 400, seed: int | None 
                 mine.put(k, i)
                 ref.put(k, i)
     passed("LRU cache", f"3 scenarios and {3 * steps} random operations against the reference")
+
+
+# ------------------------------------------------------------------------------ chapter 02
+def _pair_seeds(gen: torch.Generator, n: int) -> dict[tuple[int, int], bytes]:
+    """One 32-byte seed per unordered pair (what X25519 + HKDF would agree on), keyed (u, v), u < v."""
+    return {
+        (u, v): bytes(torch.randint(0, 256, (32,), generator=gen, dtype=torch.uint8).tolist())
+        for u in range(n)
+        for v in range(u + 1, n)
+    }
+
+
+def _seeds_of(pairs: dict[tuple[int, int], bytes], me: int) -> dict[int, bytes]:
+    return {(v if u == me else u): s for (u, v), s in pairs.items() if me in (u, v)}
+
+
+def _reference_masked(x: np.ndarray, me: int, seeds: dict[int, bytes], bits: int, sign: int = 1):
+    mod = np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(2**64 - 1)
+    y = x.copy()
+    for peer, seed in seeds.items():
+        mask = prg(seed, len(x), bits)
+        y = y + mask if (me < peer) == (sign > 0) else y - mask  # uint64 wraps mod 2^64
+    return y & mod
+
+
+def check_pairwise_masks(masked_input: Callable, *, seed: int | None = None) -> None:
+    """``masked_input(x, me, pair_seeds, bits)`` -> ``y = x + Σ_{v > me} PRG(s_{me,v}) -
+    Σ_{v < me} PRG(s_{v,me}) mod 2^bits`` (Bonawitz et al. 2017): ``x`` a uint64 vector in
+    ``Z_{2^bits}``, ``pair_seeds`` ``{peer: 32-byte seed}``. The masks cancel in the sum over clients.
+    The opposite sign convention (the larger index adds) cancels as well and is accepted."""
+    gen = rng(seed)
+    for n, bits, length in ((4, 20, 50), (3, 64, 40), (5, 32, 30)):
+        pairs = _pair_seeds(gen, n)
+        high = 1 << bits
+        xs = [
+            np.array(
+                [int(v) % high for v in torch.randint(0, 2**62, (length,), generator=gen)],
+                dtype=np.uint64,
+            )
+            for _ in range(n)
+        ]
+        ys = []
+        for me in range(n):
+            y = call(
+                masked_input,
+                xs[me].copy(),
+                me,
+                _seeds_of(pairs, me),
+                bits,
+                what=f"client {me} of {n}, bits={bits}",
+            )
+            ensure(
+                isinstance(y, np.ndarray) and y.shape == xs[me].shape,
+                f"masked_input returned {type(y).__name__} {getattr(y, 'shape', '')}; expected a "
+                f"numpy array of shape {xs[me].shape}",
+            )
+            ensure(
+                y.dtype == np.uint64,
+                f"the masked vector has dtype {y.dtype}; keep uint64 (floats lose the low bits "
+                "of a 64-bit mask, and the masks then no longer cancel exactly)",
+            )
+            ensure(
+                bits == 64 or int(y.max()) < high,
+                f"values reach {int(y.max())} >= 2^{bits}: reduce modulo 2^bits",
+            )
+            ensure(
+                not np.array_equal(y, xs[me]),
+                f"client {me}'s masked vector equals its input: the server would see the update",
+            )
+            ys.append(y)
+        mask = np.uint64(high - 1) if bits < 64 else np.uint64(2**64 - 1)
+        total = np.zeros(length, dtype=np.uint64)
+        for y in ys:
+            total = (total + y) & mask
+        want = np.zeros(length, dtype=np.uint64)
+        for x in xs:
+            want = (want + x) & mask
+        if not np.array_equal(total, want):
+            if all(
+                np.array_equal(y, _add_all(xs[me], _seeds_of(pairs, me), bits))
+                for me, y in enumerate(ys)
+            ):
+                raise CheckFailed(
+                    "both clients of a pair added their shared mask, so nothing cancels: the client "
+                    "with the smaller index adds PRG(s), the other subtracts it"
+                )
+            raise CheckFailed(
+                f"{n} clients, bits={bits}: the sum of the masked vectors is not the sum of the "
+                "inputs mod 2^bits -- every pair's mask must enter once with + and once with -"
+            )
+        for me, y in enumerate(ys):
+            seeds = _seeds_of(pairs, me)
+            ensure(
+                np.array_equal(y, _reference_masked(xs[me], me, seeds, bits, 1))
+                or np.array_equal(y, _reference_masked(xs[me], me, seeds, bits, -1)),
+                f"client {me}: the sum cancels, but its masked vector is not x ± PRG(seed) of its "
+                "pairs (use prg(seed, len(x), bits) for each peer)",
+            )
+    passed("pairwise masks", "they cancel exactly in the sum mod 2^bits, up to 64 bits")
+
+
+def _add_all(x: np.ndarray, seeds: dict[int, bytes], bits: int) -> np.ndarray:
+    """The plausible mistake: every client adds every mask."""
+    mod = np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(2**64 - 1)
+    y = x.copy()
+    for s in seeds.values():
+        y = y + prg(s, len(x), bits)
+    return y & mod
