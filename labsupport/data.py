@@ -182,7 +182,9 @@ def _mnist1d_cache(folder: Path, seed: int, num_samples: int, train_split: float
     format such as ``:g`` would round them to the same name and serve one split for the other.
     """
     return (
-        folder / "mnist1d" / f"mnist1d_n{int(num_samples)}_seed{int(seed)}_split{float(train_split)!r}.npz"
+        folder
+        / "mnist1d"
+        / f"mnist1d_n{int(num_samples)}_seed{int(seed)}_split{float(train_split)!r}.npz"
     )
 
 

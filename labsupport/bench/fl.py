@@ -77,7 +77,11 @@ def sim_overhead(smoke: bool) -> Result:
     steps = cfg.num_rounds * sum(-(-c.num_samples // cfg.batch_size) for c in clients)
     return Result(
         figures,
-        {"ratio": Target("ratio", max=1.1, note="the limit is 1.0: an empty pipeline must cost nothing")},
+        {
+            "ratio": Target(
+                "ratio", max=1.1, note="the limit is 1.0: an empty pipeline must cost nothing"
+            )
+        },
         details={"sgd_steps": steps, "rounds": cfg.num_rounds},
     )
 

@@ -56,7 +56,11 @@ class History:
 
     def evaluated(self, name: str = "accuracy") -> tuple[list[int], list[float]]:
         """Rounds where ``name`` (a field or an ``extra`` entry) was measured, and its values."""
-        pairs = [(r.round, v) for r, v in zip(self.rounds, self.column(name), strict=True) if v is not None]
+        pairs = [
+            (r.round, v)
+            for r, v in zip(self.rounds, self.column(name), strict=True)
+            if v is not None
+        ]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def rounds_to(self, accuracy: float) -> int | None:
