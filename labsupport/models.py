@@ -11,6 +11,11 @@ test accuracy on the default split:
 :class:`CNN2D` is a small LeNet-style network for the image sets (digits, MNIST, CIFAR-10) with an
 optional GroupNorm.
 
+:func:`save_model` / :func:`load_model` store a model as ``<stem>.safetensors`` (tensors, no pickle)
+plus ``<stem>.json`` (the :func:`build_model` arguments that rebuild it, and anything else worth
+keeping): chapter 04's checkpoints (``labsupport.edge.checkpoint``) and chapter 05's cloud replicas
+load them, and loading never executes code from the files.
+
 Every model is written for what later chapters do with it: no BatchNorm (its batch statistics break
 per-sample gradients in Opacus, chapter 02; GroupNorm is offered instead), no in-place operations
 after a layer (Opacus hooks), and plain ops that export to ONNX (chapter 04).
@@ -18,12 +23,24 @@ after a layer (Opacus hooks), and plain ops that export to ONNX (chapter 04).
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["CNN1D", "CNN2D", "MLP", "build_model", "count_parameters", "logistic"]
+__all__ = [
+    "CNN1D",
+    "CNN2D",
+    "MLP",
+    "build_model",
+    "count_parameters",
+    "load_model",
+    "logistic",
+    "save_model",
+]
 
 
 def logistic(in_features: int = 40, num_classes: int = 10) -> nn.Module:
@@ -153,3 +170,91 @@ def build_model(
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------- checkpoints: safetensors + JSON
+
+_REQUIRED_KEYS = ("model", "input_shape", "num_classes")
+
+
+def _stem(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    model_name: str,
+    input_shape: tuple[int, ...] | list[int],
+    num_classes: int,
+    model_kwargs: dict | None = None,
+    extra: dict | None = None,
+) -> tuple[Path, Path]:
+    """Write ``model`` as ``<stem>.safetensors`` + ``<stem>.json``; returns both paths.
+
+    ``model_name``, ``input_shape``, ``num_classes`` and ``model_kwargs`` must rebuild the same
+    architecture with :func:`build_model`; ``extra`` is stored verbatim (metrics, training
+    parameters, the dataset's name).
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    stem = _stem(path)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    config = {
+        "model": model_name,
+        "input_shape": [int(s) for s in input_shape],
+        "num_classes": int(num_classes),
+        "kwargs": dict(model_kwargs or {}),
+        "num_parameters": count_parameters(model),
+        **(extra or {}),
+    }
+    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    save_file(tensors, str(weights))
+    meta.write_text(json.dumps(config, indent=2, default=float) + "\n")
+    return weights, meta
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Rebuild the model saved by :func:`save_model` (``path``: the stem, .json or .safetensors).
+
+    Returns ``(model in eval mode, config)``. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` for a JSON file without the keys needed to rebuild the model, or tensors that do
+    not fit the architecture.
+    """
+    from safetensors.torch import load_file
+
+    stem = _stem(path)
+    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    for f in (weights, meta):
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"checkpoint file {f} is missing; expected {weights} and {meta}"
+            )
+    try:
+        config = json.loads(meta.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{meta} must hold a JSON object, got {type(config).__name__}")
+    missing = [k for k in _REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ValueError(
+            f"{meta} lacks {missing}; expected keys {list(_REQUIRED_KEYS)} (+ 'kwargs')"
+        )
+    kwargs = config.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"'kwargs' in {meta} must be an object, got {type(kwargs).__name__}")
+    model = build_model(
+        config["model"], tuple(config["input_shape"]), int(config["num_classes"]), **kwargs
+    )
+    state = load_file(str(weights))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"weights in {weights} do not fit the model in {meta}: {exc}") from exc
+    return model.eval(), config

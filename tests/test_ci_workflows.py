@@ -364,7 +364,14 @@ def test_make_gpu_check_runs_the_module_into_results(targets):
     if shutil.which("make") is None:
         pytest.skip("no make")
     out = subprocess.run(
-        ["make", "-n", "gpu-check", "STAMP=", "GPU_CHECK_ARGS=--skip-install"],
+        [
+            "make",
+            "--no-print-directory",
+            "-n",
+            "gpu-check",
+            "STAMP=",
+            "GPU_CHECK_ARGS=--skip-install",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

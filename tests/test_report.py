@@ -33,7 +33,7 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path):
 def test_make_all_writes_nothing_tracked():
     """`make all` (dry run) writes under results/ only: no command rewrites the README."""
     out = subprocess.run(
-        ["make", "-n", "all", "VENV=.venv-dry-run"],
+        ["make", "--no-print-directory", "-n", "all", "VENV=.venv-dry-run"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -42,7 +42,7 @@ def test_make_all_writes_nothing_tracked():
     assert "labsupport.report" in out and "papermill" in out
     assert "--readme" not in out and "README.md" not in out.replace("results/README.md", "")
     readme_target = subprocess.run(
-        ["make", "-n", "readme-table", "VENV=.venv-dry-run"],
+        ["make", "--no-print-directory", "-n", "readme-table", "VENV=.venv-dry-run"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -12,7 +12,8 @@ partition this node holds comes from ``context.node_config`` (``partition-id``, 
 The knobs come from the message's ConfigRecord, overlaid on ``context.run_config`` and the defaults of
 :class:`fedmnist1d.task.AppConfig`: the ServerApp is the one place the run configuration is read, so
 the client behaves the same under ``flwr run`` and ``run_simulation`` (where ``run_config`` is
-empty). Chapter 01 calls these handlers directly in ``tests/flower/test_flower_simulation.py`` to
+empty). With user-level DP on (``dp-clipping-norm`` > 0 in the message) the reply's metrics also
+carry ``"dp-weight": 1``, the equal weight the server's DP-FedAvg averages by. Chapter 01 calls these handlers directly in ``tests/flower/test_flower_simulation.py`` to
 show that one round of Flower's FedAvg over them equals one round of our in-process simulator.
 """
 
@@ -22,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmnist1d.task import (
+    DP_WEIGHT_KEY,
     AppConfig,
     check_partition_id,
     load_partition,
@@ -75,10 +77,13 @@ def train(message: Message, context: Context) -> Message:
     model = make_model(config.model)
     global_state = message.content["arrays"].to_torch_state_dict()
     state, result = train_locally(model, global_state, x, y, config, server_round, partition_id)
+    metrics = {"num-examples": len(y), "train_loss": float(result.loss)}
+    if config.dp:  # DP-FedAvg averages with equal weights: a weight n_k/n would let a client's
+        metrics[DP_WEIGHT_KEY] = 1  # influence grow past S/m (the server weighs by this key)
     content = RecordDict(
         {
             "arrays": ArrayRecord(state),
-            "metrics": MetricRecord({"num-examples": len(y), "train_loss": float(result.loss)}),
+            "metrics": MetricRecord(metrics),
             "client": ConfigRecord({"partition-id": partition_id}),
         }
     )

@@ -27,6 +27,13 @@ Results: with ``results-file`` set, a JSON file (``status``, ``config``, ``histo
 the app with config overrides and a callback, for ``run_simulation``
 (:mod:`labsupport.flower.simulation`), where no pyproject is read and the results come back
 in-process.
+
+User-level DP (chapter 02): ``dp-noise-multiplier`` σ and ``dp-clipping-norm`` S, both > 0, replace
+the aggregator by Flower's ``FedAvg`` with equal client weights wrapped in
+``DifferentialPrivacyServerSideFixedClipping`` (:func:`dp_strategy`), and the results gain a ``dp``
+entry: the ε of Flower's ``RdpAccountant`` at δ = 1e-5 -- without client-sampling amplification,
+the only accounting Flower 1.42's wrappers accept. :func:`extra_run_config` passes such knobs to an
+app built by a helper that has no argument for them.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +50,18 @@ import flwr
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
-from fedmnist1d.task import AppConfig, load_data, make_model, test
+from fedmnist1d.task import DP_WEIGHT_KEY, AppConfig, load_data, make_model, test
 from labsupport.device import set_threads
 from labsupport.fl.selection import num_selected
 from labsupport.fl.state import clone_state
 from labsupport.flower.bridge import AggregatorStrategy, make_aggregator
 
-__all__ = ["app", "make_server_app", "run_fedavg"]
+__all__ = ["app", "dp_strategy", "dp_summary", "extra_run_config", "make_server_app", "run_fedavg"]
+
+#: δ of the ε Flower's accountant reports when user-level DP is on.
+DP_DELTA = 1e-5
 
 
 def run_fedavg(
@@ -88,15 +100,19 @@ def run_fedavg(
         return MetricRecord({"accuracy": metrics["accuracy"], "loss": metrics["loss"]})
 
     k = config.num_partitions
-    strategy = AggregatorStrategy(
-        make_aggregator(config.aggregator),
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=config.min_train_nodes,
-        min_evaluate_nodes=num_selected(k, config.fraction_evaluate)
+    sampling = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": config.min_train_nodes,
+        "min_evaluate_nodes": num_selected(k, config.fraction_evaluate)
         if config.fraction_evaluate
         else 0,
-        min_available_nodes=k,
+        "min_available_nodes": k,
+    }
+    strategy = (
+        dp_strategy(config, sampling)
+        if config.dp
+        else AggregatorStrategy(make_aggregator(config.aggregator), **sampling)
     )
     try:
         result = strategy.start(
@@ -112,10 +128,11 @@ def run_fedavg(
             _write_json(path, {**_payload("failed", config, history, start), "error": repr(exc)})
         raise
 
+    rounds = getattr(strategy, "rounds", {})  # the DP wrapper around Flower's FedAvg has none
     for (
         row
     ) in history:  # who was averaged, who failed or was rejected; metrics num-examples-weighted
-        outcome = strategy.rounds.get(row["round"])
+        outcome = rounds.get(row["round"])
         row["clients"] = sorted(outcome.clients) if outcome else []
         row["errors"] = (
             outcome.errors + [f"client {c}: {why}" for c, why in outcome.rejected.items()]
@@ -131,6 +148,8 @@ def run_fedavg(
     final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else initial_state
     final_state = {k: v.clone() for k, v in final_state.items()}
     payload = _payload("completed", config, history, start)
+    if config.dp:
+        payload["dp"] = dp_summary(strategy, config)
     if path is not None:
         model_file = path.with_suffix(".pt")
         model_file.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +157,50 @@ def run_fedavg(
         payload["model_file"] = str(model_file)
         _write_json(path, payload)
     return {**payload, "state_dict": final_state}
+
+
+def dp_strategy(config: AppConfig, sampling: Mapping[str, Any]) -> Strategy:
+    """DP-FedAvg with Flower's own pieces: ``FedAvg`` weighing every client equally (by the
+    ``dp-weight`` the clients report), wrapped in ``DifferentialPrivacyServerSideFixedClipping``
+    (clip each update to S, add N(0, (σS/m)²) to the average, m = clients per round), with Flower's
+    ``RdpAccountant``. Flower 1.42's fixed-clipping wrappers accept that accountant only with
+    ``sampling_method='no-amplification'``: the ε it reports ignores client sampling."""
+    from flwr.serverapp import PrivacyConfig, RdpAccountant, SamplingMethod
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+    from flwr.supercore.privacy_accounting import NeighboringRelation
+
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=DP_DELTA,
+            population_size=config.num_partitions,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    return DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(weighted_by_key=DP_WEIGHT_KEY, **sampling),
+        noise_multiplier=config.dp_noise_multiplier,
+        clipping_norm=config.dp_clipping_norm,
+        num_sampled_clients=config.min_train_nodes,
+        accountant=accountant,
+    )
+
+
+def dp_summary(strategy: Strategy, config: AppConfig) -> dict[str, Any]:
+    """What Flower's accountant says was spent, with everything an ε needs to mean something."""
+    spent = strategy.privacy_spent()
+    return {
+        "epsilon": float(spent.epsilon) if spent is not None else 0.0,
+        "delta": DP_DELTA,
+        "releases": int(spent.num_releases) if spent is not None else 0,
+        "noise_multiplier": config.dp_noise_multiplier,
+        "clipping_norm": config.dp_clipping_norm,
+        "clients_per_round": config.min_train_nodes,
+        "num_clients": config.num_partitions,
+        "accountant": "Flower RdpAccountant",
+        "sampling": "no amplification (the only one Flower's fixed-clipping wrappers accept)",
+        "neighbouring": "add/remove one client (user-level)",
+    }
 
 
 def make_server_app(
@@ -152,7 +215,7 @@ def make_server_app(
     (with the final ``state_dict``), in the ServerApp's process -- which, under ``run_simulation``,
     is the caller's.
     """
-    extra = dict(overrides or {})
+    extra = {**_OVERLAY, **dict(overrides or {})}
     AppConfig.from_run_config(extra)  # fail here, not inside Flower's thread, on a bad key/value
     app = ServerApp()
 
@@ -165,6 +228,27 @@ def make_server_app(
             on_result(results)
 
     return app
+
+
+_OVERLAY: dict[str, Any] = {}
+
+
+@contextmanager
+def extra_run_config(overrides: Mapping[str, Any]) -> Iterator[None]:
+    """Knobs that every :func:`make_server_app` built inside this block gets beneath its own overrides.
+
+    For callers that build the app for you and have no argument for a knob:
+    ``with extra_run_config({"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.5}):
+    run_flower_simulation(...)``. Checked on entry; the previous overlay is restored on exit.
+    """
+    AppConfig.from_run_config(dict(overrides))
+    saved = dict(_OVERLAY)
+    _OVERLAY.update(overrides)
+    try:
+        yield
+    finally:
+        _OVERLAY.clear()
+        _OVERLAY.update(saved)
 
 
 def _payload(status: str, config: AppConfig, history: list[dict], start: float) -> dict[str, Any]:

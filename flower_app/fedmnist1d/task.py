@@ -40,6 +40,7 @@ from labsupport.train import TrainResult, evaluate
 
 __all__ = [
     "CLIENT_KEYS",
+    "DP_WEIGHT_KEY",
     "AppConfig",
     "check_partition_id",
     "client_partitions",
@@ -61,7 +62,9 @@ class AppConfig:
     ``batch_size = 0`` means the whole local dataset (B = inf, FedSGD); TOML has no ``None``.
     ``results_file`` is where the ServerApp writes its JSON history (and the final model next to it
     as ``.pt``); empty means "write nothing". Relative paths resolve against the ServerApp process's
-    working directory, so give an absolute path to ``flwr run``.
+    working directory, so give an absolute path to ``flwr run``. ``dp_noise_multiplier`` (σ) and
+    ``dp_clipping_norm`` (S), both > 0, turn on user-level DP (DP-FedAvg, McMahan et al. 2018) with
+    Flower's ``DifferentialPrivacyServerSideFixedClipping``; both 0 (the default) is plain FedAvg.
     """
 
     num_server_rounds: int = 5
@@ -76,6 +79,8 @@ class AppConfig:
     seed: int = 0
     num_partitions: int = 10
     results_file: str = ""
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -107,6 +112,26 @@ class AppConfig:
                 f"partition-scheme {self.partition_scheme!r} is not one of {sorted(SCHEMES)}"
             )
         parse_aggregator(self.aggregator)  # the name and its arguments; built by the ServerApp
+        if self.dp_noise_multiplier < 0 or self.dp_clipping_norm < 0:
+            raise ValueError(
+                "dp-noise-multiplier and dp-clipping-norm must be >= 0 (0 and 0: DP off); got "
+                f"{self.dp_noise_multiplier} and {self.dp_clipping_norm}"
+            )
+        if (self.dp_noise_multiplier > 0) != (self.dp_clipping_norm > 0):
+            raise ValueError(
+                "user-level DP needs both dp-noise-multiplier > 0 and dp-clipping-norm > 0 "
+                f"(or both 0: DP off); got {self.dp_noise_multiplier} and {self.dp_clipping_norm}"
+            )
+        if self.dp and self.aggregator != "weighted-mean":
+            raise ValueError(
+                f"aggregator {self.aggregator!r} with user-level DP: DP-FedAvg averages the clipped "
+                "updates with equal weights (Flower's FedAvg); keep aggregator = 'weighted-mean'"
+            )
+
+    @property
+    def dp(self) -> bool:
+        """User-level DP is on: Flower's ``DifferentialPrivacyServerSideFixedClipping``."""
+        return self.dp_clipping_norm > 0
 
     @classmethod
     def from_run_config(
@@ -130,15 +155,23 @@ class AppConfig:
         return {_key(k): v for k, v in dataclasses.asdict(self).items()}
 
     def client_config(self) -> dict[str, int | float | str]:
-        """The knobs a ClientApp needs, sent in each message's ConfigRecord (see :data:`CLIENT_KEYS`)."""
+        """The knobs a ClientApp needs, sent in each message's ConfigRecord (see :data:`CLIENT_KEYS`);
+        with DP on, also the two DP knobs (the client then reports its equal DP weight)."""
         full = self.to_run_config()
-        return {k: full[k] for k in CLIENT_KEYS}
+        keys = (*CLIENT_KEYS, *DP_KEYS) if self.dp else CLIENT_KEYS
+        return {k: full[k] for k in keys}
 
     @property
     def min_train_nodes(self) -> int:
         """Clients per round, ``max(C * K, 1)`` as :func:`labsupport.fl.selection.select_clients` counts."""
         return num_selected(self.num_partitions, self.fraction_train)
 
+
+#: The metric a client reports under DP (value 1): the server's DP-FedAvg weighs by it, not by
+#: ``num-examples``, because the noise σS/m assumes every client's weight is 1/m.
+DP_WEIGHT_KEY = "dp-weight"
+#: The DP knobs, sent to the clients only when DP is on.
+DP_KEYS = ("dp-noise-multiplier", "dp-clipping-norm")
 
 #: What the ServerApp sends to the clients in every train/evaluate message.
 CLIENT_KEYS = (

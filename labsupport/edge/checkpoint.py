@@ -2,7 +2,9 @@
 
 * :func:`save_checkpoint` / :func:`load_checkpoint` -- a model as ``<stem>.safetensors`` (tensors,
   no pickle) plus ``<stem>.json`` (how to rebuild it with :func:`labsupport.models.build_model`, and
-  anything else worth keeping). Loading never executes code from the files.
+  anything else worth keeping). Loading never executes code from the files. They are
+  :func:`labsupport.models.save_model` / :func:`~labsupport.models.load_model` under chapter 04's
+  names (chapter 05's cloud replicas load the same files).
 * :func:`split_validation` -- a seeded, class-agnostic validation split carved from the training
   data: every choice in chapter 04 (fine-tuning steps, temperature, calibration) is made on it.
 * :func:`mnist1d_splits` -- MNIST-1D's train / validation / test tensors.
@@ -20,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from labsupport.data import data_dir, load_dataset
-from labsupport.models import build_model, count_parameters
+from labsupport.models import build_model, load_model, save_model
 from labsupport.train import evaluate, train
 
 __all__ = [
@@ -36,86 +37,9 @@ __all__ = [
     "train_teacher",
 ]
 
-_REQUIRED_KEYS = ("model", "input_shape", "num_classes")
-
-
-def _stem(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    return p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
-
-
-def save_checkpoint(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    model_name: str,
-    input_shape: tuple[int, ...] | list[int],
-    num_classes: int,
-    model_kwargs: dict | None = None,
-    extra: dict | None = None,
-) -> tuple[Path, Path]:
-    """Write ``model`` as ``<stem>.safetensors`` + ``<stem>.json``; returns both paths.
-
-    ``model_name``, ``input_shape``, ``num_classes`` and ``model_kwargs`` must rebuild the same
-    architecture with :func:`labsupport.models.build_model`; ``extra`` is stored verbatim (metrics,
-    training parameters, the dataset's name).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    stem = _stem(path)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    config = {
-        "model": model_name,
-        "input_shape": [int(s) for s in input_shape],
-        "num_classes": int(num_classes),
-        "kwargs": dict(model_kwargs or {}),
-        "num_parameters": count_parameters(model),
-        **(extra or {}),
-    }
-    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    save_file(tensors, str(weights))
-    meta.write_text(json.dumps(config, indent=2, default=float) + "\n")
-    return weights, meta
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Rebuild the model saved by :func:`save_checkpoint` (``path``: the stem, .json or .safetensors).
-
-    Returns ``(model in eval mode, config)``. Raises ``FileNotFoundError`` for a missing file and
-    ``ValueError`` for a JSON file without the keys needed to rebuild the model, or tensors that do
-    not fit the architecture.
-    """
-    stem = _stem(path)
-    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    for f in (weights, meta):
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"checkpoint file {f} is missing; expected {weights} and {meta}"
-            )
-    try:
-        config = json.loads(meta.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{meta} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{meta} must hold a JSON object, got {type(config).__name__}")
-    missing = [k for k in _REQUIRED_KEYS if k not in config]
-    if missing:
-        raise ValueError(
-            f"{meta} lacks {missing}; expected keys {list(_REQUIRED_KEYS)} (+ 'kwargs')"
-        )
-    kwargs = config.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"'kwargs' in {meta} must be an object, got {type(kwargs).__name__}")
-    model = build_model(
-        config["model"], tuple(config["input_shape"]), int(config["num_classes"]), **kwargs
-    )
-    state = load_file(str(weights))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"weights in {weights} do not fit the model in {meta}: {exc}") from exc
-    return model.eval(), config
+# The checkpoint format is shared with chapter 05: one implementation, in labsupport.models.
+save_checkpoint = save_model
+load_checkpoint = load_model
 
 
 def split_validation(

@@ -3,8 +3,9 @@
 An edge model answers every input and offloads the ones it is unsure of to a cloud model served over
 HTTP. The modules, in the order the chapter uses them:
 
-* :mod:`~labsupport.hybrid.models` -- the edge/cloud model pair (safetensors checkpoints), the
-  ``Classifier`` interface (PyTorch or ONNX Runtime), split inference.
+* :mod:`~labsupport.hybrid.models` -- the edge/cloud model pair (chapter 04's distilled INT8
+  student on ONNX Runtime, a wide cloud CNN; safetensors checkpoints), the ``Classifier`` interface
+  (PyTorch or ONNX Runtime), split inference.
 * :mod:`~labsupport.hybrid.calibration` -- temperature scaling, ECE, reliability diagrams.
 * :mod:`~labsupport.hybrid.routing` -- confidence scores, vectorized routing, thresholds from a
   validation target.
@@ -32,8 +33,7 @@ from .models import (
     ModelPair,
     OnnxClassifier,
     TorchClassifier,
-    load_checkpoint,
-    save_checkpoint,
+    distilled_edge,
     train_pair,
 )
 from .routing import (
@@ -59,11 +59,11 @@ __all__ = [
     "TorchClassifier",
     "apply_temperature",
     "choose_threshold",
+    "distilled_edge",
     "expected_calibration_error",
     "fit_temperature",
     "hybrid_predictions",
     "input_key",
-    "load_checkpoint",
     "margin",
     "max_softmax",
     "naive_route",
@@ -71,7 +71,6 @@ __all__ = [
     "plot_reliability",
     "reliability_bins",
     "route",
-    "save_checkpoint",
     "simulate_cache",
     "tradeoff_curve",
     "train_pair",

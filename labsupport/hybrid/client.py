@@ -4,7 +4,8 @@ sections 3-5).
 
 :class:`HybridClient` answers a batch in four vectorized steps -- edge logits; calibrated
 probabilities ``softmax(z / T)``; a confidence score; the boolean offload mask ``confidence <
-threshold`` (:func:`labsupport.hybrid.routing.route`) -- then looks the offloaded inputs up in an
+threshold`` (:func:`labsupport.hybrid.routing.route`; for the max-softmax score the folded
+:class:`~labsupport.hybrid.routing.FastRouter` does the last three in one pass) -- then looks the offloaded inputs up in an
 optional :class:`~labsupport.hybrid.cache.LRUCache` keyed by :func:`input_key`, and sends the misses in
 *one* request through a :class:`~labsupport.hybrid.balancer.Balancer` (timeouts, retries, failover).
 A 4xx answer is a bug in the request and raises :class:`~labsupport.hybrid.balancer.ClientError`. If
@@ -25,7 +26,7 @@ from .balancer import Balancer, NoReplicaAvailable
 from .cache import LRUCache, input_key
 from .calibration import apply_temperature
 from .models import Classifier, _to_tensor
-from .routing import SCORES, route
+from .routing import SCORES, FastRouter, route
 
 __all__ = ["HybridAnswer", "HybridClient", "encode_binary", "quantize_int8"]
 
@@ -89,6 +90,8 @@ class HybridClient:
         self.threshold = float(threshold)
         self.temperature = float(temperature)
         self.score = SCORES[score]
+        folded = score == "max_softmax" and 0.0 < self.threshold < float("inf")
+        self._fast = FastRouter(temperature, self.threshold) if folded else None
         self.balancer = balancer
         self.cache = cache
         self.wire = wire
@@ -97,6 +100,12 @@ class HybridClient:
     def decide(self, x: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Edge logits, calibrated confidence and the offload mask for a batch (no network)."""
         logits = self.edge(x)
+        if self._fast is not None:
+            z = logits.numpy()
+            if z.dtype != np.float32:
+                z = z.astype(np.float32)
+            conf, offload = self._fast.decide(z, z.argmax(axis=1))
+            return logits, torch.from_numpy(conf), torch.from_numpy(offload)
         conf = self.score(apply_temperature(logits, self.temperature))
         return logits, conf, route(conf, self.threshold)
 

@@ -3,8 +3,12 @@ sections 3-7). Each function runs one experiment and returns its numbers as data
 
 * :func:`routing_experiment` -- temperature on validation, ECE before/after on test, the threshold
   for "hybrid within ``gap`` of cloud accuracy" chosen on validation, and test accuracy/offload.
-* :func:`routing_overhead` -- (calibration + score + decision time) / edge inference time for one
-  batch, medians of repeated runs.
+* :func:`routing_overhead` -- (calibration + score + decision time) / edge inference time (the INT8
+  student on ONNX Runtime, with the argmax every edge answer needs) at batch sizes 1, 64 and 256,
+  medians of interleaved repeats; the folded :class:`FastRouter` beside the textbook
+  softmax-then-max in torch.
+* :func:`edge_ladder` -- chapter 04's students of several widths as edge models: INT8 accuracy,
+  the gap to the cloud, and what routing must offload to close it.
 * :func:`latency_by_mode` -- per-input latency percentiles for edge only, cloud only and hybrid,
   under ``num_clients`` concurrent single-input requests on loopback.
 * :func:`failover_experiment` -- ``num_clients`` clients through a :class:`Balancer`; one replica
@@ -21,6 +25,8 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,23 +38,27 @@ from .client import HybridClient, encode_binary, quantize_int8
 from .loadgen import LoopbackConnection, percentiles, run_load, run_sync
 from .models import (
     ModelPair,
+    OnnxClassifier,
     TorchClassifier,
     cnn_head,
     cnn_tail,
+    distilled_edge,
     feature_shape,
     reconstruction_r2,
 )
 from .replicas import ReplicaSet
 from .routing import (
     SCORES,
+    FastRouter,
     choose_threshold,
     hybrid_predictions,
-    offload_mask,
+    max_softmax,
     route,
     tradeoff_curve,
 )
 
 __all__ = [
+    "edge_ladder",
     "failover_experiment",
     "latency_by_mode",
     "microbatch_throughput",
@@ -59,15 +69,31 @@ __all__ = [
 
 
 @torch.inference_mode()
-def routing_experiment(pair: ModelPair, *, score: str = "max_softmax", gap: float = 0.005) -> dict:
-    """Calibrate on validation, choose the threshold on validation, measure on test."""
+def routing_experiment(
+    pair: ModelPair,
+    *,
+    score: str = "max_softmax",
+    gap: float = 0.005,
+    level: float | None = 0.95,
+    cloud_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict:
+    """Calibrate on validation, choose the threshold on validation, measure on test.
+
+    ``level``: the threshold keeps the ``level`` upper confidence bound of the accuracy lost within
+    ``gap`` (:func:`choose_threshold`); ``None`` uses the point estimate. ``cloud_logits``
+    (validation, test) saves recomputing them across calls.
+    """
     ev, et = pair.edge(pair.x_val), pair.edge(pair.x_test)
-    cv, ct = pair.cloud(pair.x_val), pair.cloud(pair.x_test)
+    cv, ct = (
+        cloud_logits
+        if cloud_logits is not None
+        else (pair.cloud(pair.x_val), pair.cloud(pair.x_test))
+    )
     t = fit_temperature(ev, pair.y_val)
     f = SCORES[score]
     conf_v, conf_t = f(apply_temperature(ev, t)), f(apply_temperature(et, t))
     e_ok_v, c_ok_v = ev.argmax(1) == pair.y_val, cv.argmax(1) == pair.y_val
-    choice = choose_threshold(conf_v, e_ok_v, c_ok_v, target="cloud_gap", gap=gap)
+    choice = choose_threshold(conf_v, e_ok_v, c_ok_v, target="cloud_gap", gap=gap, level=level)
     off = route(conf_t, choice.threshold)
     hyb = hybrid_predictions(et.argmax(1), ct.argmax(1), off)
     e_ok_t, c_ok_t = et.argmax(1) == pair.y_test, ct.argmax(1) == pair.y_test
@@ -90,35 +116,130 @@ def routing_experiment(pair: ModelPair, *, score: str = "max_softmax", gap: floa
     }
 
 
+def _edge_logits(edge) -> Callable[[np.ndarray], np.ndarray]:
+    if isinstance(edge, OnnxClassifier):
+        return edge.logits
+    clf = edge if isinstance(edge, TorchClassifier) else TorchClassifier(edge)
+    return lambda x: clf(x).numpy()
+
+
 def routing_overhead(
-    pair: ModelPair, *, temperature: float, threshold: float, batch: int = 256, repeats: int = 200
+    pair: ModelPair,
+    *,
+    temperature: float,
+    threshold: float,
+    batch: int = 256,
+    batches: tuple[int, ...] = (1, 64, 256),
+    repeats: int = 200,
 ) -> dict:
-    """Median time of the routing decision and of edge inference on one batch, and their ratio."""
-    edge = TorchClassifier(pair.edge)
-    x = pair.x_test[:batch]
+    """Routing time against edge inference time on the same batches, medians of ``repeats``.
 
-    def decide(logits: torch.Tensor) -> torch.Tensor:
-        return offload_mask(logits, temperature, threshold)
+    Per batch size, interleaved in every repeat (machine load hits all alike): *edge* = the device's
+    model on the batch plus the argmax (what an edge-only system runs); *routing* = the folded
+    :class:`FastRouter` on those logits and answers (score + calibration + decision); *torch
+    routing* = the same decision written as ``route(max_softmax(softmax(z / T)), t)`` in torch.
+    Returns one row per batch size and, for ``batch``, ``edge_ms``, ``routing_ms`` and ``ratio``
+    (routing ÷ edge: batch-amortized, the per-input ratio is the same).
+    """
+    if batch not in batches:
+        batches = (*batches, batch)
+    logits_of = _edge_logits(pair.edge)
+    router = FastRouter(temperature, threshold)
 
-    edge_t, route_t = [], []
-    logits = edge(x)
-    with torch.inference_mode():
-        for _ in range(20):  # warm-up
-            decide(edge(x))
-        for _ in range(repeats):  # interleaved, so machine load hits both alike
+    def textbook(z: np.ndarray) -> torch.Tensor:
+        return route(max_softmax(apply_temperature(torch.from_numpy(z), temperature)), threshold)
+
+    rows = []
+    for b in batches:
+        x = np.ascontiguousarray(pair.x_test[:b].numpy(), dtype=np.float32)
+        if len(x) < b:  # a test split smaller than the batch: tile it
+            x = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))
+        times: dict[str, list[float]] = {"edge": [], "routing": [], "torch": []}
+        for i in range(repeats + 20):  # the first 20 are warm-up
             t0 = time.perf_counter()
-            logits = edge(x)
+            z = logits_of(x)
+            pred = z.argmax(axis=1)
             t1 = time.perf_counter()
-            decide(logits)
+            router(z, pred)
             t2 = time.perf_counter()
-            edge_t.append(t1 - t0)
-            route_t.append(t2 - t1)
-    e, r = statistics.median(edge_t), statistics.median(route_t)
-    return {"edge_ms": e * 1e3, "routing_ms": r * 1e3, "ratio": r / e, "batch": len(x)}
+            textbook(z)
+            t3 = time.perf_counter()
+            if i >= 20:
+                times["edge"].append(t1 - t0)
+                times["routing"].append(t2 - t1)
+                times["torch"].append(t3 - t2)
+        e, r, t = (statistics.median(times[k]) for k in ("edge", "routing", "torch"))
+        rows.append(
+            {
+                "batch": b,
+                "edge_us": e * 1e6,
+                "routing_us": r * 1e6,
+                "torch_routing_us": t * 1e6,
+                "ratio": r / e,
+                "torch_ratio": t / e,
+            }
+        )
+    head = next(r for r in rows if r["batch"] == batch)
+    return {
+        "edge_ms": head["edge_us"] / 1e3,
+        "routing_ms": head["routing_us"] / 1e3,
+        "ratio": head["ratio"],
+        "batch": batch,
+        "runtime": type(pair.edge).__name__,
+        "rows": rows,
+    }
+
+
+def edge_ladder(
+    pair: ModelPair,
+    channels: tuple[int, ...] = (8, 12, 16, 24, 40),
+    *,
+    steps: int = 3000,
+    gap: float = 0.005,
+    level: float | None = 0.95,
+    seed: int = 0,
+) -> list[dict]:
+    """Chapter 04's distilled INT8 student at several widths as the edge of ``pair``'s cloud.
+
+    Per width: parameters, INT8 test accuracy, the gap to the cloud (points), and the offload and
+    hybrid-minus-cloud accuracy of :func:`routing_experiment` (threshold chosen on validation).
+    Students are cached (:func:`labsupport.hybrid.models.distilled_edge`).
+    """
+    with torch.inference_mode():
+        cloud_logits = (pair.cloud(pair.x_val), pair.cloud(pair.x_test))
+    rows = []
+    for ch in channels:
+        model, _, onnx_path = distilled_edge(
+            pair.cloud,
+            pair.cloud_path,
+            pair.x_train,
+            pair.y_train,
+            channels=ch,
+            steps=steps,
+            seed=seed,
+        )
+        edge = OnnxClassifier(onnx_path)
+        r = routing_experiment(
+            replace(pair, edge=edge), gap=gap, level=level, cloud_logits=cloud_logits
+        )
+        rows.append(
+            {
+                "channels": ch,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "int8_test_accuracy": r["test_edge_accuracy"],
+                "cloud_test_accuracy": r["test_cloud_accuracy"],
+                "gap_points": 100 * (r["test_cloud_accuracy"] - r["test_edge_accuracy"]),
+                "val_offload": r["val_offload"],
+                "test_offload": r["test_offload"],
+                "hybrid_minus_cloud_points": 100
+                * (r["test_hybrid_accuracy"] - r["test_cloud_accuracy"]),
+            }
+        )
+    return rows
 
 
 async def _latency_modes(urls, pair, temperature, threshold, num_clients, num_requests):
-    edge = TorchClassifier(pair.edge)
+    edge = pair.edge if isinstance(pair.edge, OnnxClassifier) else TorchClassifier(pair.edge)
     x = pair.x_test
     out = {}
     async with Balancer(urls, "least_outstanding", timeout_s=30.0) as lb:

@@ -9,13 +9,22 @@ Devices", ICDCS 2017; Kang et al., "Neurosurgeon", ASPLOS 2017 for the split var
   :func:`margin` (top-1 minus top-2), and :func:`neg_entropy` ``sum_c p_c log p_c`` (higher is more
   confident), all over a batch at once; :data:`SCORES` names them.
 * :func:`route` -- the decision, vectorized: a boolean mask ``offload = confidence < threshold`` (ties
-  stay on the edge). :func:`offload_mask` is the same decision for the max-softmax score fused into
-  one pass over the logits (``max_c softmax(z/T)_c < t`` is ``sum_c exp((z_c - max z)/T) > 1/t``),
-  for the device's hot path. :func:`hybrid_predictions` merges the two answers with the mask.
+  stay on the edge). :class:`FastRouter` is the same decision for the calibrated max-softmax score on
+  the device's hot path, straight from the logits: ``max_c softmax(z/T)_c < t`` is
+  ``sum_c exp((z_c - z_pred) / T) > 1/t``, where ``z_pred`` is the logit of the edge's own answer
+  (the argmax it computes anyway), calibration is one multiply by ``1/T``, and the row sum is a
+  matrix-vector product -- five numpy calls, no probabilities built (numpy's row-wise ``max`` and
+  ``sum`` over 10 columns cost more than all of this). :func:`offload_mask` wraps it for tensors.
+  :func:`hybrid_predictions` merges the two answers with the mask.
 * :func:`tradeoff_curve` -- hybrid accuracy against the fraction offloaded for every threshold at once
   (sort by confidence, cumulative sums), and :func:`choose_threshold` picks a threshold from a target
   on the *validation* split: ``"cloud_gap"`` (the lowest offload whose hybrid accuracy is within
   ``gap`` of the cloud's) or ``"max_offload"`` (the best accuracy offloading at most a fraction).
+  With ``level`` (e.g. 0.95) the ``"cloud_gap"`` target holds for a one-sided upper confidence bound
+  on the accuracy lost, not for the point estimate: the first cut where the validation curve
+  crosses the target is where sampling noise flatters it most (the selection-with-guaranteed-risk
+  idea of Geifman & El-Yaniv, "Selective Classification for Deep Neural Networks", NeurIPS 2017,
+  here with a normal approximation).
 * :func:`naive_route` -- the pattern the chapter corrects: ``.item()`` on a batch (fails for batch
   > 1), no ``eval()``/``no_grad``, uncalibrated softmax.
 """
@@ -24,12 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
 
 __all__ = [
     "SCORES",
+    "FastRouter",
     "ThresholdChoice",
     "choose_threshold",
     "hybrid_predictions",
@@ -87,18 +98,59 @@ def route(confidence, threshold: float) -> torch.Tensor:
     return c < threshold
 
 
-def offload_mask(logits, temperature: float, threshold: float) -> torch.Tensor:
-    """``max_softmax(softmax(logits / temperature)) < threshold`` without building probabilities.
+class FastRouter:
+    """The calibrated max-softmax offload decision, folded for the device's hot path.
 
-    ``sum_c exp((z_c - max_c z) / T)`` is ``1 / max softmax``; five numpy operations on the logits.
+    ``FastRouter(T, t)(logits, pred)`` is ``max_softmax(softmax(logits / T)) < t`` for ``(N, C)``
+    float32 numpy logits and the edge's answers ``pred = logits.argmax(1)``: ``1/T`` and ``1/t`` are
+    folded once here, and per batch ``z_pred`` is gathered, ``exp((z - z_pred) / T)`` summed by a
+    matrix-vector product and compared with ``1/t``. Subtracting ``z_pred`` (the row maximum)
+    keeps ``exp`` from overflowing. :meth:`confidence` gives the calibrated max softmax itself.
     """
-    if not temperature > 0 or not 0.0 < threshold:
-        raise ValueError(f"need temperature > 0 and threshold > 0, got {temperature}, {threshold}")
-    z = logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
-    if z.ndim != 2:
+
+    def __init__(self, temperature: float, threshold: float) -> None:
+        if not temperature > 0 or not np.isfinite(temperature):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        if not threshold > 0 or not np.isfinite(threshold):
+            raise ValueError(f"threshold must be finite and > 0, got {threshold}")
+        self.temperature, self.threshold = float(temperature), float(threshold)
+        self._inv_t = np.float32(1.0 / temperature)
+        self._bound = np.float32(1.0 / threshold)
+        self._shape = (-1, -1)
+
+    def _sums(self, logits: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        if logits.shape != self._shape:  # per batch shape, once: row offsets and a ones vector
+            n, c = logits.shape
+            self._offsets, self._ones = np.arange(n) * c, np.ones(c, dtype=np.float32)
+            self._shape = logits.shape
+        e = logits - logits.ravel()[self._offsets + pred][:, None]  # z - z_pred, row by row
+        e *= self._inv_t  # calibration: one multiply
+        np.exp(e, out=e)
+        return e @ self._ones
+
+    def __call__(self, logits: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        """Boolean offload mask ``(N,)`` (a confidence equal to the threshold stays on the edge)."""
+        return self._sums(logits, pred) > self._bound
+
+    def confidence(self, logits: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        """The calibrated max softmax ``(N,)``: ``1 / sum_c exp((z_c - z_pred) / T)``."""
+        return 1.0 / self._sums(logits, pred)
+
+    def decide(self, logits: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(confidence, offload mask)`` from one pass."""
+        sums = self._sums(logits, pred)
+        return 1.0 / sums, sums > self._bound
+
+
+def offload_mask(logits, temperature: float, threshold: float) -> torch.Tensor:
+    """``max_softmax(softmax(logits / temperature)) < threshold`` without building probabilities
+    (:class:`FastRouter` on a tensor or array of logits)."""
+    z = logits.detach().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+    if z.ndim != 2 or z.shape[1] < 1:
         raise ValueError(f"logits must be (N, C), got shape {z.shape}")
-    inv_p = np.exp((z - z.max(axis=1, keepdims=True)) * (1.0 / temperature)).sum(axis=1)
-    return torch.from_numpy(inv_p > 1.0 / threshold)
+    if z.dtype not in (np.float32, np.float64):
+        z = z.astype(np.float32)
+    return torch.from_numpy(FastRouter(temperature, threshold)(z, z.argmax(axis=1)))
 
 
 def hybrid_predictions(edge_pred, cloud_pred, offload) -> torch.Tensor:
@@ -114,14 +166,7 @@ def hybrid_predictions(edge_pred, cloud_pred, offload) -> torch.Tensor:
     return torch.where(m, c, e)
 
 
-def tradeoff_curve(confidence, edge_correct, cloud_correct) -> dict[str, np.ndarray]:
-    """Hybrid accuracy and fraction offloaded for every distinct threshold, vectorized.
-
-    Inputs are sorted by confidence; offloading the ``k`` least confident inputs gives accuracy
-    ``(cloud correct among the first k + edge correct among the rest) / n``. Only cut points between
-    distinct confidences are kept (a threshold cannot split ties). ``threshold[k]`` offloads exactly
-    ``k`` inputs: the k-th smallest distinct value above them (``inf`` offloads everything).
-    """
+def _as_arrays(confidence, edge_correct, cloud_correct):
     c = np.asarray(torch.as_tensor(confidence), dtype=np.float64)
     e = np.asarray(torch.as_tensor(edge_correct), dtype=bool)
     k = np.asarray(torch.as_tensor(cloud_correct), dtype=bool)
@@ -130,16 +175,36 @@ def tradeoff_curve(confidence, edge_correct, cloud_correct) -> dict[str, np.ndar
             f"confidence, edge_correct and cloud_correct must be non-empty 1-D arrays of one length; "
             f"got {c.shape}, {e.shape}, {k.shape}"
         )
+    if not np.isfinite(c).all():
+        raise ValueError("confidence contains NaN or inf")
+    return c, e, k
+
+
+def _sorted_cuts(c: np.ndarray, e: np.ndarray, k: np.ndarray):
+    """Inputs sorted by confidence and the valid cut points ``k = 0..n`` (offload the first k):
+    ``k = 0``, ``k = n``, and every ``k`` between two distinct confidences."""
     order = np.argsort(c, kind="stable")
-    cs, es, ks = c[order], e[order], k[order]
+    cs = c[order]
+    valid = np.ones(len(c) + 1, dtype=bool)
+    valid[1:-1] = cs[:-1] < cs[1:]
+    return cs, e[order], k[order], valid
+
+
+def tradeoff_curve(confidence, edge_correct, cloud_correct) -> dict[str, np.ndarray]:
+    """Hybrid accuracy and fraction offloaded for every distinct threshold, vectorized.
+
+    Inputs are sorted by confidence; offloading the ``k`` least confident inputs gives accuracy
+    ``(cloud correct among the first k + edge correct among the rest) / n``. Only cut points between
+    distinct confidences are kept (a threshold cannot split ties). ``threshold[k]`` offloads exactly
+    ``k`` inputs: the k-th smallest distinct value above them (``inf`` offloads everything).
+    """
+    c, e, k = _as_arrays(confidence, edge_correct, cloud_correct)
+    cs, es, ks, valid = _sorted_cuts(c, e, k)
     n = len(c)
     cloud_prefix = np.concatenate([[0], np.cumsum(ks)])  # cloud correct among the first k
     edge_suffix = np.concatenate([[0], np.cumsum(es)])
     edge_rest = edge_suffix[-1] - edge_suffix  # edge correct among the rest
     accuracy = (cloud_prefix + edge_rest) / n
-    # valid cuts: k = 0, k = n, and k where cs[k-1] < cs[k]
-    valid = np.ones(n + 1, dtype=bool)
-    valid[1:n] = cs[:-1] < cs[1:]
     thresholds = np.concatenate([cs, [np.inf]])  # offload c < cs[k] -> exactly the first k
     ks_all = np.arange(n + 1)
     return {
@@ -170,6 +235,7 @@ def choose_threshold(
     target: str = "cloud_gap",
     gap: float = 0.005,
     max_offload: float = 0.3,
+    level: float | None = None,
 ) -> ThresholdChoice:
     """A confidence threshold from a target, on validation data.
 
@@ -177,18 +243,35 @@ def choose_threshold(
     accuracy minus ``gap`` (0.005 = half a point); if none reaches it (impossible only when the cloud
     itself is below that), the most accurate point, with ``met=False``. ``target="max_offload"``: the
     most accurate threshold that offloads at most ``max_offload`` of the inputs (ties: less offload).
+
+    ``level`` (``"cloud_gap"`` only; e.g. 0.95): require the one-sided ``level`` upper confidence
+    bound of the accuracy lost, not its estimate, to be within ``gap``. The loss at a cut is the mean
+    of ``D_i = cloud_correct_i - edge_correct_i`` over the inputs kept on the edge (0 for the
+    offloaded ones); its bound is ``mean(D) + z_level * std(D) / sqrt(n)`` (normal approximation).
     """
-    curve = tradeoff_curve(confidence, edge_correct, cloud_correct)
-    n_cloud = float(np.mean(np.asarray(torch.as_tensor(cloud_correct), dtype=bool)))
-    n_edge = float(np.mean(np.asarray(torch.as_tensor(edge_correct), dtype=bool)))
+    c, e, k = _as_arrays(confidence, edge_correct, cloud_correct)
+    curve = tradeoff_curve(c, e, k)
+    n_cloud, n_edge = float(k.mean()), float(e.mean())
     acc, off, thr = curve["accuracy"], curve["offload"], curve["threshold"]
     if target == "cloud_gap":
         if not 0.0 <= gap < 1.0:
             raise ValueError(f"gap must be in [0, 1), got {gap}")
-        ok = acc >= n_cloud - gap - 1e-12
+        loss = n_cloud - acc
+        if level is not None:
+            if not 0.5 <= level < 1.0:
+                raise ValueError(f"level must be in [0.5, 1) or None, got {level}")
+            _, es, ks, valid = _sorted_cuts(c, e, k)
+            d = ks.astype(np.float64) - es
+            # sum over the inputs kept on the edge (i >= cut) of |D_i| = D_i^2
+            sq = np.concatenate([np.cumsum(np.abs(d)[::-1])[::-1], [0.0]])[valid]
+            var = np.maximum(sq / len(c) - loss**2, 0.0)
+            loss = loss + NormalDist().inv_cdf(level) * np.sqrt(var / len(c))
+        ok = loss <= gap + 1e-12
         i = int(np.argmax(ok)) if ok.any() else int(np.argmax(acc))
         met = bool(ok.any())
     elif target == "max_offload":
+        if level is not None:
+            raise ValueError("level applies to target='cloud_gap' only")
         if not 0.0 <= max_offload <= 1.0:
             raise ValueError(f"max_offload must be in [0, 1], got {max_offload}")
         allowed = np.flatnonzero(off <= max_offload + 1e-12)  # k = 0 is always allowed

@@ -38,13 +38,16 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .models import cnn_tail, feature_shape, load_checkpoint
+from labsupport.models import load_model
+
+from .models import cnn_tail, feature_shape
 
 __all__ = ["MicroBatcher", "app_from_env", "create_app"]
 
@@ -166,8 +169,8 @@ def create_app(
     slower or farther host for the load-balancing experiments; 0 in normal use.
     """
     torch.set_num_threads(1)
-    model, config = load_checkpoint(model_path)
-    length = int(config.get("input_length", 40))
+    model, config = load_model(model_path)
+    length = int(np.prod(config["input_shape"]))
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
 

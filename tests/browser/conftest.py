@@ -19,7 +19,7 @@ from jupyterlab_testlib import CHROMIUM, CHROMIUM_ARGS, RESULTS
 from labsupport.labserver import LabServer
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     """A headless system Chromium driven by Playwright (skipped where either is missing)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -33,7 +33,7 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lab(tmp_path_factory, browser):
     """One JupyterLab server for the session; stopping it must leave no process behind."""
     work = tmp_path_factory.mktemp("lab")

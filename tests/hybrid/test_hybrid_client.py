@@ -13,16 +13,23 @@ import torch
 from labsupport.hybrid.balancer import Balancer
 from labsupport.hybrid.cache import LRUCache
 from labsupport.hybrid.client import HybridClient, encode_binary, quantize_int8
-from labsupport.hybrid.models import TorchClassifier, save_checkpoint
+from labsupport.hybrid.models import TorchClassifier
 from labsupport.hybrid.service import create_app
-from labsupport.models import build_model
+from labsupport.models import build_model, save_model
+
+CNN4 = {
+    "model_name": "cnn",
+    "input_shape": (40,),
+    "num_classes": 10,
+    "model_kwargs": {"channels": 4},
+}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     edge = build_model("cnn", seed=1, channels=2).eval()
     cloud = build_model("cnn", seed=2, channels=4).eval()
-    path = save_checkpoint(cloud, tmp_path_factory.mktemp("c") / "cloud", "cnn", {"channels": 4})
+    path = save_model(cloud, tmp_path_factory.mktemp("c") / "cloud", **CNN4)[0]
     x = torch.randn(32, 40, generator=torch.Generator().manual_seed(0))
     return edge, cloud, path, x
 
@@ -130,3 +137,19 @@ def test_client_validates_its_arguments(setup):
         HybridClient(edge, threshold=0.5, temperature=0)
     with pytest.raises(ValueError, match="wire"):
         HybridClient(edge, threshold=0.5, wire="pickle")
+
+
+def test_decide_fast_path_equals_the_textbook_calibrated_route(setup):
+    from labsupport.hybrid.calibration import apply_temperature
+    from labsupport.hybrid.routing import max_softmax, route
+
+    edge, _, _, x = setup
+    x = x * 30  # spread the confidences over (0, 1]
+    for t, thr in ((0.7, 0.5), (2.0, 0.3), (1.0, 2.0)):
+        logits, conf, off = HybridClient(
+            TorchClassifier(edge), threshold=thr, temperature=t
+        ).decide(x)
+        ref_conf = max_softmax(apply_temperature(logits, t)).double()
+        assert torch.allclose(conf.double(), ref_conf, rtol=1e-5)
+        assert torch.equal(off, route(ref_conf, thr))
+    assert 0 < off.sum() < len(x) or thr > 1

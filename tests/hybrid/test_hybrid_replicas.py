@@ -15,17 +15,24 @@ import torch
 from labsupport.hybrid.balancer import Balancer
 from labsupport.hybrid.client import HybridClient
 from labsupport.hybrid.loadgen import run_load
-from labsupport.hybrid.models import TorchClassifier, save_checkpoint
+from labsupport.hybrid.models import TorchClassifier
 from labsupport.hybrid.replicas import ReplicaSet, process_group_alive
-from labsupport.models import build_model
+from labsupport.models import build_model, save_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+CNN4 = {
+    "model_name": "cnn",
+    "input_shape": (40,),
+    "num_classes": 10,
+    "model_kwargs": {"channels": 4},
+}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     model = build_model("cnn", seed=0, channels=4)
-    return save_checkpoint(model, tmp_path_factory.mktemp("rep") / "cloud", "cnn", {"channels": 4})
+    return save_model(model, tmp_path_factory.mktemp("rep") / "cloud", **CNN4)[0]
 
 
 def test_real_replica_answers_4xx_stays_up_and_restarts_on_its_port(checkpoint):

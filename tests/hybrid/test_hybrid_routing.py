@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from labsupport.hybrid.routing import (
+    FastRouter,
     choose_threshold,
     hybrid_predictions,
     margin,
@@ -105,3 +106,78 @@ def test_fused_offload_mask_equals_route_of_calibrated_max_softmax():
     assert offload_mask(big, 1.0, 0.75).tolist() == [False, True]
     with pytest.raises(ValueError):
         offload_mask(logits, 0.0, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_router_equals_the_textbook_softmax_route_in_float64(dtype):
+    rng = np.random.default_rng(1)
+    for n in (1, 7, 256):  # the router caches per batch shape: change it between calls
+        z = (rng.normal(size=(n, 10)) * 4).astype(dtype)
+        for t, thr in ((1.0, 0.6), (2.4, 0.9), (0.5, 0.3), (3.0, 1.5)):
+            router = FastRouter(t, thr)
+            p = torch.softmax(torch.from_numpy(z.astype(np.float64)) / t, 1)
+            ref_conf = p.max(1).values.numpy()
+            off = router(z, z.argmax(1))
+            assert off.dtype == bool and off.shape == (n,)
+            np.testing.assert_array_equal(off, ref_conf < thr)
+            conf, off2 = router.decide(z, z.argmax(1))
+            np.testing.assert_allclose(conf, ref_conf, rtol=1e-5)
+            np.testing.assert_array_equal(off2, off)
+
+
+def test_fast_router_survives_huge_logits_and_non_contiguous_input():
+    big = np.array([[1000.0, 0.0], [0.0, 0.0], [-1e4, -1e4 + 1.0]], dtype=np.float32)
+    router = FastRouter(1.0, 0.75)
+    assert router(big, big.argmax(1)).tolist() == [False, True, True]  # no inf/NaN from exp
+    z = np.asfortranarray(np.random.default_rng(0).normal(size=(50, 10)).astype(np.float32))
+    ref = FastRouter(2.0, 0.5)(np.ascontiguousarray(z), z.argmax(1))
+    np.testing.assert_array_equal(FastRouter(2.0, 0.5)(z, z.argmax(1)), ref)
+
+
+@pytest.mark.parametrize(
+    "bad", [(0.0, 0.5), (-1.0, 0.5), (1.0, 0.0), (float("nan"), 0.5), (1.0, float("inf"))]
+)
+def test_fast_router_rejects_bad_temperature_or_threshold(bad):
+    with pytest.raises(ValueError):
+        FastRouter(*bad)
+
+
+def _bound_brute_force(conf, edge_ok, cloud_ok, gap, z):
+    """Walk the thresholds in increasing order; the first whose loss bound is within gap."""
+    n = len(conf)
+    for t in [*sorted(set(conf.tolist())), np.inf]:
+        kept = conf >= t
+        d = np.where(kept, cloud_ok.astype(float) - edge_ok, 0.0)
+        if d.mean() + z * d.std() / np.sqrt(n) <= gap + 1e-12:
+            return t, (~kept).mean()
+    raise AssertionError("offloading everything has zero loss")
+
+
+def test_choose_threshold_with_a_confidence_level_matches_a_brute_force_bound():
+    from statistics import NormalDist
+
+    rng = np.random.default_rng(3)
+    conf = rng.integers(0, 50, 400) / 50  # ties included
+    edge_ok = rng.random(400) < 0.4 + 0.6 * conf  # right more often when confident
+    cloud_ok = rng.random(400) < 0.9
+    for level in (0.5, 0.9, 0.99):
+        ch = choose_threshold(conf, edge_ok, cloud_ok, gap=0.01, level=level)
+        t, off = _bound_brute_force(conf, edge_ok, cloud_ok, 0.01, NormalDist().inv_cdf(level))
+        assert (ch.threshold, ch.offload) == (pytest.approx(t), pytest.approx(off))
+        assert ch.met
+    plain = choose_threshold(conf, edge_ok, cloud_ok, gap=0.01)
+    at_half = choose_threshold(conf, edge_ok, cloud_ok, gap=0.01, level=0.5)  # z = 0
+    strict = choose_threshold(conf, edge_ok, cloud_ok, gap=0.01, level=0.99)
+    assert at_half == plain and strict.offload > plain.offload
+
+
+def test_choose_threshold_level_is_refused_where_it_means_nothing():
+    conf, ok = np.array([0.1, 0.9]), np.array([True, True])
+    with pytest.raises(ValueError, match="level"):
+        choose_threshold(conf, ok, ok, level=1.0)
+    with pytest.raises(ValueError, match="level"):
+        choose_threshold(conf, ok, ok, level=0.3)
+    with pytest.raises(ValueError, match="cloud_gap"):
+        choose_threshold(conf, ok, ok, target="max_offload", level=0.95)
+    with pytest.raises(ValueError, match="NaN"):
+        choose_threshold(np.array([0.1, np.nan]), ok, ok)

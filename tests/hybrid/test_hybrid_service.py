@@ -10,15 +10,21 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save as st_save
 
 from labsupport.hybrid.client import encode_binary
-from labsupport.hybrid.models import save_checkpoint
 from labsupport.hybrid.service import MicroBatcher, create_app
-from labsupport.models import build_model
+from labsupport.models import build_model, save_model
+
+CNN4 = {
+    "model_name": "cnn",
+    "input_shape": (40,),
+    "num_classes": 10,
+    "model_kwargs": {"channels": 4},
+}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model = build_model("cnn", seed=0, channels=4).eval()
-    path = save_checkpoint(model, tmp_path_factory.mktemp("svc") / "tiny", "cnn", {"channels": 4})
+    path = save_model(model, tmp_path_factory.mktemp("svc") / "tiny", **CNN4)[0]
     return model, path
 
 
