@@ -19,7 +19,8 @@ Figures:
   of the same size (40 samples each, from 50,000 generated signals): how the cost of each way grows
   with the federation (200 clients in smoke mode).
 * ``round_peak_mb_<way>_<clients>`` -- how far one round raises the peak resident memory of a fresh
-  process that has loaded the data (``ru_maxrss`` after minus RSS before, Linux): the vectorized way
+  process that has loaded the data (``VmHWM``, reset just before the round, minus the RSS then;
+  Linux): the vectorized way
   holds every client's copy of the model, its gradients and its batch at once.
 * ``accuracy_sequential`` / ``accuracy_vectorized`` / ``accuracy_gap`` -- test accuracy (percent) of
   the global model after 30 FedAvg rounds (2 in smoke mode) of
@@ -34,6 +35,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -197,10 +199,11 @@ def run(smoke: bool) -> Result:
 
 
 def _one_round_in_this_process(mode: str, num_clients: int, smoke: bool) -> float:
-    """Run one round ``mode``'s way; return how far it raised this process's peak RSS (MB)."""
-    import resource
+    """Run one round ``mode``'s way; return how far it raised this process's peak RSS (MB).
 
-    import psutil
+    Linux: the peak (``VmHWM``) is reset just before the round (``/proc/self/clear_refs``), so an
+    earlier transient peak -- loading the data -- is not counted.
+    """
 
     ds = load_dataset("mnist1d", num_samples=(50_000 if not smoke else 10_000))
     data = iid_clients(ds.x_train, ds.y_train, num_clients, seed=SEED)
@@ -219,9 +222,18 @@ def _one_round_in_this_process(mode: str, num_clients: int, smoke: bool) -> floa
             )  # fmt: skip
 
     one_round(data[:2])  # warm-up: the first step's lazy allocations are the runtime's, not ours
-    before = psutil.Process().memory_info().rss / 2**20
+    before = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
     one_round(data)
-    return max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+    return max(0.0, _status_mb("VmHWM") - before)
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (kB there) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}: peak memory needs Linux")
 
 
 def _peak_rss_mb(mode: str, num_clients: int, smoke: bool) -> float:
