@@ -22,19 +22,17 @@ client joined -- applied before any aggregator sees the weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .clients import FitReply
-from .state import StateDict, aggregate
+from .state import StateDict, Stateful, aggregate
 
 __all__ = ["Aggregator", "CountPolicy", "WeightedMean"]
 
 
-class Aggregator:
+class Aggregator(Stateful):
     """Base class: ``aggregate(global_state, replies) -> new global state``; stateless by default.
 
     Subclasses override :meth:`aggregate`, and those with state also :meth:`state_dict` /
@@ -49,21 +47,6 @@ class Aggregator:
     def instructions(self, server_round: int, global_state: StateDict) -> dict[str, Any]:
         """What every client of ``server_round`` is told (empty unless the method needs it)."""
         return {}
-
-    def config(self) -> dict[str, Any]:
-        """JSON identity of this aggregator: its class and constructor arguments."""
-        return {"name": type(self).__name__}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} keeps no state, but got keys {sorted(state)}")
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
-        return f"{type(self).__name__}({args})"
 
 
 class WeightedMean(Aggregator):
@@ -110,8 +93,3 @@ class CountPolicy:
             "cap": self.cap,
             "registered": {str(k): v for k, v in sorted(self.registered.items())},
         }
-
-
-def _tensor_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Helper for subclasses: keep only tensor entries of a loaded state."""
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -25,7 +25,6 @@ weights. The pieces every chapter's clients share:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -268,8 +267,3 @@ def fit_or_reject(
         logger.warning("round %d: rejected client %d: %s", ctx.server_round, cid, reason)
         return Rejection(cid, reason)
     return accepted
-
-
-def replace_config(config: TrainConfig, **changes: Any) -> TrainConfig:
-    """A copy of ``config`` with ``changes`` (validated again)."""
-    return dataclasses.replace(config, **changes)

@@ -26,12 +26,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = [
     "StateDict",
+    "Stateful",
     "UpdateRejected",
     "aggregate",
     "apply_delta",
@@ -54,6 +56,30 @@ class UpdateRejected(ValueError):
         super().__init__(prefix + message)
         self.client = client
         self.reason = message
+
+
+class Stateful:
+    """A server-side plug-in whose identity and state go into checkpoints (aggregators, transforms).
+
+    :meth:`config` is its JSON identity (class and constructor arguments; part of a checkpoint's
+    fingerprint); :meth:`state_dict` / :meth:`load_state_dict` carry what changes across rounds,
+    as tensors and JSON values only. The defaults describe a plug-in with no state.
+    """
+
+    def config(self) -> dict[str, Any]:
+        """JSON identity: the class and its constructor arguments."""
+        return {"name": type(self).__name__}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but got keys {sorted(state)}")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
 
 
 def clone_state(state: Mapping[str, torch.Tensor]) -> StateDict:

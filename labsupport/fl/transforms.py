@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .clients import RoundContext
-from .state import StateDict
+from .state import StateDict, Stateful
 
 __all__ = ["Pipeline", "RoundAborted", "UpdateTransform"]
 
@@ -44,7 +44,7 @@ class RoundAborted(RuntimeError):
     fewer survivors than its threshold). The server keeps the global model and records why."""
 
 
-class UpdateTransform:
+class UpdateTransform(Stateful):
     """One stage of the pipeline. The defaults are identities, so a subclass overrides what it needs."""
 
     #: True when only the sum of all clients' payloads can be decoded (secure aggregation).
@@ -75,20 +75,6 @@ class UpdateTransform:
     ) -> StateDict:
         """Server side, after aggregation (server-side DP noise goes here)."""
         return new_state
-
-    def config(self) -> dict[str, Any]:
-        return {"name": type(self).__name__}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} keeps no state, but got keys {sorted(state)}")
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
-        return f"{type(self).__name__}({args})"
 
 
 class Pipeline:

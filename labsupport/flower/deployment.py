@@ -395,15 +395,7 @@ class LocalDeployment:
             self._tool("flwr"), "supernode", "register", str(public_key), self.connection,
             "--name", name,
         ]  # fmt: skip
-        out = subprocess.run(
-            cmd,
-            env={**self.environment(), "COLUMNS": "200"},
-            cwd=self.run_dir,
-            capture_output=True,
-            text=True,
-            timeout=self.startup_timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        out = self._run_flwr(cmd)
         text = (out.stdout + out.stderr).strip()
         with open(self.run_dir / "register.log", "a") as fh:
             fh.write(f"$ {subprocess.list2cmdline(cmd)}\n{text}\n")
@@ -416,15 +408,7 @@ class LocalDeployment:
     def supernodes(self) -> list[dict[str, Any]]:
         """``flwr supernode list <connection> --format json``: the SuperLink's nodes and statuses."""
         cmd = [self._tool("flwr"), "supernode", "list", self.connection, "--format", "json"]
-        out = subprocess.run(
-            cmd,
-            env={**self.environment(), "COLUMNS": "200"},
-            cwd=self.run_dir,
-            capture_output=True,
-            text=True,
-            timeout=self.startup_timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        out = self._run_flwr(cmd)
         try:
             payload = json.loads(out.stdout[out.stdout.index("{") :])
         except ValueError:
@@ -497,6 +481,18 @@ class LocalDeployment:
                     f"{diagnose_supernode(tail(log, 400))}. Its log {log} ends:\n{tail(log, 12)}"
                 )
             time.sleep(0.2)
+
+    def _run_flwr(self, cmd: list[str]) -> subprocess.CompletedProcess:
+        """Run a short ``flwr`` command in this deployment's environment (wide output, no stdin)."""
+        return subprocess.run(
+            cmd,
+            env={**self.environment(), "COLUMNS": "200"},
+            cwd=self.run_dir,
+            capture_output=True,
+            text=True,
+            timeout=self.startup_timeout,
+            stdin=subprocess.DEVNULL,
+        )
 
     def _tool(self, name: str) -> str:
         local = Path(sys.executable).parent / name
