@@ -49,7 +49,7 @@ from labsupport.models import load_model
 
 from .models import cnn_tail, feature_shape
 
-__all__ = ["MicroBatcher", "app_from_env", "create_app"]
+__all__ = ["BodyLimit", "MicroBatcher", "app_from_env", "create_app"]
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 RequestId = Annotated[str, Field(max_length=128)]
@@ -152,6 +152,54 @@ class MicroBatcher:
                         it[2].set_result(out)
 
 
+class BodyLimit:
+    """Pure ASGI middleware refusing bodies over ``max_bytes`` with 413, *before* they are buffered.
+
+    A declared ``content-length`` over the limit is answered at once; a body sent without one (chunked)
+    is counted as it arrives and refused when it passes the limit, so no client can make the server
+    hold more than ``max_bytes`` of one request. (Starlette's ``@app.middleware("http")`` would do the
+    first check only, and wraps every request in extra tasks and streams that cost more than the
+    model's forward pass at batch 1.)
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: object) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"request body of {size} bytes; at most {self.max_bytes} accepted"},
+            status_code=413,
+        )
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                size = value.decode("latin-1")
+                if not size.isdigit() or int(size) > self.max_bytes:
+                    await self._too_large(size)(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(
+                        413,
+                        f"request body of more than {self.max_bytes} bytes; "
+                        f"at most {self.max_bytes} accepted",
+                    )
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def create_app(
     model_path: str | os.PathLike,
     *,
@@ -207,15 +255,7 @@ def create_app(
             status_code=422,
         )
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
-            return JSONResponse(
-                {"detail": f"request body of {size} bytes; at most {max_body_bytes} accepted"},
-                status_code=413,
-            )
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     async def run(x: torch.Tensor, layer: int = 0) -> torch.Tensor:
         if delay_ms:
@@ -225,6 +265,8 @@ def create_app(
         return await batcher.submit(x, layer) if microbatch else forward(x, layer)
 
     def answer(logits: torch.Tensor, request_id: str | None, started: float) -> dict:
+        # returned as a JSONResponse by each route: plain floats and strings need no FastAPI
+        # response validation and jsonable_encoder pass, which cost more than a batch-1 forward
         return {
             "request_id": request_id,
             "predictions": logits.argmax(1).tolist(),
@@ -264,19 +306,18 @@ def create_app(
         }
 
     @app.post("/v1/predict")
-    async def predict(body: PredictOne) -> dict:
+    async def predict(body: PredictOne) -> JSONResponse:
         started = time.perf_counter()
-        x = check_rows([body.input])
-        out = answer(await run(x), body.request_id, started)
-        return {**out, "prediction": out["predictions"][0]}
+        out = answer(await run(check_rows([body.input])), body.request_id, started)
+        return JSONResponse({**out, "prediction": out["predictions"][0]})
 
     @app.post("/v1/predict_batch")
-    async def predict_batch(body: PredictBatch) -> dict:
+    async def predict_batch(body: PredictBatch) -> JSONResponse:
         started = time.perf_counter()
-        return answer(await run(check_rows(body.inputs)), body.request_id, started)
+        return JSONResponse(answer(await run(check_rows(body.inputs)), body.request_id, started))
 
     @app.post("/v1/predict_binary")
-    async def predict_binary(request: Request) -> dict:
+    async def predict_binary(request: Request) -> JSONResponse:
         from safetensors import SafetensorError
         from safetensors.torch import load as st_load
 
@@ -313,7 +354,7 @@ def create_app(
             raise HTTPException(422, f"x has dtype {x.dtype}; expected float32 or int8")
         if not torch.isfinite(x).all():
             raise HTTPException(422, "x contains NaN or inf")
-        return answer(await run(x, layer), meta.get("request_id"), started)
+        return JSONResponse(answer(await run(x, layer), meta.get("request_id"), started))
 
     return app
 
