@@ -7,17 +7,21 @@ same batches in the same order, the same mean cross-entropy per batch, the same 
 vectorization, as in functorch's "model ensembling" tutorial: every parameter gets a new leading
 client dimension (``w[c]`` is client ``c``'s copy), and
 
-    torch.func.vmap(torch.func.grad_and_value(loss_of_one_client))
+    torch.func.vmap(functional_call_of_one_model)
 
-turns the loss of *one* model on *its* batch (written with ``torch.func.functional_call``) into the
-losses and gradients of all ``C`` models on their ``C`` batches.
+turns the forward pass of *one* model on *its* batch (written with ``torch.func.functional_call``)
+into the logits of all ``C`` models on their ``C`` batches. The loss is taken on all of them at once,
+and one ordinary backward pass gives every client's gradient: client ``c``'s loss depends on its own
+``w[c]`` alone, so the gradient of the sum is each client's own gradient.
 
 Why. A cross-device simulation (McMahan et al. 2017 use ``K = 100`` clients) with a tiny model
 spends most of its time in Python, not in arithmetic: one SGD step of a 40-100-100-10 MLP on 10
 samples is microseconds of matrix products inside a fraction of a millisecond of interpreter,
 dispatch and optimizer overhead, paid again for every client and every step. One batched step for
-100 clients pays that overhead once and hands the arithmetic to a few batched matrix products
-(``python -m labsupport.bench vectorized_clients`` measures the ratio: about 5-7x on 2 CPU cores).
+100 clients pays that overhead once and hands the arithmetic to a few batched matrix products.
+Both ways still do the same arithmetic, so the gain is bounded by it: ``python -m labsupport.bench
+vectorized_clients`` measures the ratio (about 4x on one CPU thread) beside the ceiling that the
+batched matrix products alone allow (about 8-11x).
 
 Clients of different sizes. Client ``c`` has ``n_c`` samples; each epoch it takes ``ceil(n_c / B)``
 steps, the last batch possibly short (``B = batch_size``; ``None`` is one full batch per epoch).
@@ -58,12 +62,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
-from torch.nn.utils.rnn import pad_sequence
-
-from labsupport.train import batch_indices
 
 __all__ = ["batch_plan", "vectorized_local_updates"]
 
@@ -80,26 +81,35 @@ def batch_plan(
     a sample index into client ``c``'s data (0 in padded slots) and ``mask[c, s, j]`` is True for a
     real sample, False for padding.
     """
-    batches: list[Tensor] = []  # every client's batches, one after the other
-    client: list[int] = []  # ... whose they are
-    step: list[int] = []  # ... and at which step the client takes them
-    for c, (n, seed) in enumerate(zip(sizes, seeds, strict=True)):
+    num_clients = len(sizes)
+    # One shuffled order per client and epoch -- the only per-client work, since it must use the
+    # client's own generator exactly as batch_indices does; everything after is a few tensor ops.
+    orders: list[Tensor] = []
+    widths: list[int] = []  # b_c: client c's batch size (its whole data when one full batch)
+    for n, seed in zip(sizes, seeds, strict=True):
+        full = batch_size is None or batch_size >= n
         generator = torch.Generator().manual_seed(int(seed))
-        plan = [idx for _ in range(epochs) for idx in batch_indices(n, batch_size, generator)]
-        batches += plan
-        client += [c] * len(plan)
-        step += range(len(plan))
-    num_clients, num_steps = len(sizes), max(step, default=-1) + 1
-    if not batches:
-        empty = torch.zeros(num_clients, num_steps, 0, dtype=torch.long)
-        return empty, empty.bool()
-    padded = pad_sequence(batches, batch_first=True)  # (all batches, b_max), padded with 0
-    lengths = torch.tensor([b.shape[0] for b in batches])
-    real = torch.arange(padded.shape[1]) < lengths[:, None]  # True for a real sample
-    index = torch.zeros(num_clients, num_steps, padded.shape[1], dtype=torch.long)
-    mask = torch.zeros(num_clients, num_steps, padded.shape[1], dtype=torch.bool)
-    index[client, step] = padded
-    mask[client, step] = real
+        for _ in range(epochs):
+            orders.append(torch.arange(n) if full else torch.randperm(n, generator=generator))
+        widths.append(n if full else batch_size)
+    n_c = torch.tensor(list(sizes), dtype=torch.long)
+    b_c = torch.tensor(widths, dtype=torch.long)
+    steps_per_epoch = (n_c + b_c - 1) // b_c.clamp(min=1)  # ceil(n_c / b_c); 0 for an empty client
+    num_steps = int((epochs * steps_per_epoch).max()) if num_clients else 0
+    b_max = int(b_c[n_c > 0].max()) if num_steps else 0
+    index = torch.zeros(num_clients, num_steps, b_max, dtype=torch.long)
+    mask = torch.zeros(num_clients, num_steps, b_max, dtype=torch.bool)
+    if num_steps == 0:
+        return index, mask
+    # Element i of the concatenated orders is sample position j of epoch e of client c.
+    block = n_c.repeat_interleave(epochs)  # one block per (client, epoch)
+    client = torch.arange(num_clients).repeat_interleave(n_c * epochs)
+    epoch = torch.arange(epochs).repeat(num_clients).repeat_interleave(block)
+    j = torch.arange(int(block.sum())) - (block.cumsum(0) - block).repeat_interleave(block)
+    width = b_c[client]
+    step = epoch * steps_per_epoch[client] + j // width
+    index[client, step, j % width] = torch.cat(orders)
+    mask[client, step, j % width] = True
     return index, mask
 
 
@@ -220,35 +230,62 @@ def vectorized_local_updates(
     counts = mask.sum(dim=2)  # (C, S): real samples in client c's step s; 0 = no step
     active = counts > 0
 
-    def client_loss(w: dict[str, Tensor], xb: Tensor, yb: Tensor, mb: Tensor) -> Tensor:
-        """One client's masked mean loss: sum over real samples / their number (padding adds 0)."""
-        logits = functional_call(model, (w, constants), (xb,))
-        per_sample = F.cross_entropy(logits, yb, reduction="none")
-        return torch.where(mb, per_sample, 0.0).sum() / mb.sum().clamp(min=1)
+    def client_logits(w: dict[str, Tensor], xb: Tensor) -> Tensor:
+        """One client's model on its batch: ``f(w_c; x[c, s])``."""
+        return functional_call(model, (w, constants), (xb,))
 
-    # in_dims=0: each client gets its own slice of the parameters, batch and mask.
-    step_all = vmap(grad_and_value(client_loss), in_dims=(0, 0, 0, 0))
+    # in_dims=0: each client gets its own slice of the parameters and of the batch. vmap batches
+    # the forward pass only: the loss is taken outside it, on all C x b_max logits at once (under
+    # vmap, cross_entropy runs as a Python decomposition), and one ordinary backward through the
+    # batched graph gives every client's gradient at once, since client c's loss depends on its own
+    # slice w[c] alone: d(sum_c loss_c)/d w[c] = d loss_c / d w[c]. (vmap(grad_and_value(...)) of a
+    # one-client loss computes the same, with functorch's transform paid again on every op of the
+    # backward: about 1.5x slower per step here.)
+    logits_all = vmap(client_logits, in_dims=(0, 0))
+    # Steps where every client trains need no per-client mask on the update (below).
+    everyone = active.all(dim=0).tolist()
 
     loss_sum = torch.zeros(num_clients, dtype=torch.float64, device=device)
     was_training = model.training
     model.train()  # as train() does; without BatchNorm/dropout it changes nothing in the forward
+    weights = list(params.values())
+    for w in weights:
+        w.requires_grad_(True)
     try:
         for s in range(rows.shape[1]):
             xb, yb, mb = x_all[rows[:, s]], y_all[rows[:, s]], mask[:, s]  # (C, b_max, ...)
-            grads, losses = step_all(params, xb, yb, mb)
-            for k, w in params.items():
-                # w_c <- w_c - lr * a_c * g_c: an inactive client (a_c = 0; g_c = 0 too, its loss
-                # being the constant 0) steps by exactly zero. In place: no new C-sized tensor.
-                step_size = active[:, s].to(w.dtype).mul(-lr).reshape(-1, *[1] * (w.dim() - 1))
-                w.addcmul_(grads[k], step_size)
+            logits = logits_all(params, xb)  # (C, b_max, classes)
+            per_sample = F.cross_entropy(
+                logits.flatten(0, 1), yb.flatten(0, 1), reduction="none"
+            ).view(mb.shape)
+            # loss_c(s): the mean over client c's real samples; padded slots add exactly 0
+            losses = torch.where(mb, per_sample, 0.0).sum(dim=1) / counts[:, s].clamp(min=1)
+            grads = torch.autograd.grad(losses.sum(), weights) if weights else ()
+            if s == 0:  # lay each parameter out in memory as its gradient comes (see _relayout)
+                weights = [
+                    _relayout(w, g, global_state[k])
+                    for (k, w), g in zip(params.items(), grads, strict=True)
+                ]
+                params = dict(zip(params, weights, strict=True))
+            with torch.no_grad():
+                if everyone[s]:  # w <- w - lr * g for every client, in one fused call
+                    torch._foreach_add_(weights, grads, alpha=-lr)
+                else:
+                    for w, g in zip(weights, grads, strict=True):
+                        # w_c <- w_c - lr * a_c * g_c: an inactive client (a_c = 0; g_c = 0 too,
+                        # its loss being the constant 0) steps by exactly zero.
+                        step_size = active[:, s].to(w.dtype).mul(-lr)
+                        w.addcmul_(g, step_size.reshape(-1, *[1] * (w.dim() - 1)))
             loss_sum += losses.detach().double() * counts[:, s]
     finally:
         model.train(was_training)
+        for w in weights:
+            w.requires_grad_(False)
 
     total = counts.sum(dim=1).clamp(min=1).double()
     mean_losses = (loss_sum / total).tolist()
     # Client c's parameters are slice c of each stacked tensor (a view: no copy of C models).
-    per_client = {k: w.unbind(0) for k, w in params.items()}
+    per_client = {k: w.contiguous().unbind(0) for k, w in params.items()}
     states = []
     for c in range(num_clients):
         state = {}
@@ -257,3 +294,30 @@ def vectorized_local_updates(
             state[k] = per_client[name][c] if name in per_client else v.detach().clone()
         states.append(state)
     return states, mean_losses
+
+
+def _relayout(w: Tensor, g: Tensor, start: Tensor) -> Tensor:
+    """``w`` -- every client's copy of one parameter, all still equal to ``start`` (the global
+    model's) -- as a new leaf laid out in memory as its gradient ``g``.
+
+    Autograd hands back a batched linear layer's weight gradient transposed in memory (strides
+    ``(o*i, 1, o)`` for a ``(C, o, i)`` weight); ``w - lr * g`` over two differently laid-out
+    tensors then walks one of them against the cache, which cost more per step than the
+    forward pass. Matching layouts once, before the first update, makes every update a contiguous
+    sweep. The forward pass reads ``w`` through ``functional_call`` and works with any strides.
+    """
+    if w.stride() == g.stride():
+        return w
+    # g's dimensions from outermost to innermost in memory; the client dimension must be outermost
+    order = sorted(range(g.dim()), key=lambda d: (-g.stride(d), d))
+    if order[0] != 0:
+        return w
+    # Permute the one small global tensor into that order, repeat it for every client (plain
+    # row copies), and view the result back in the parameter's shape: g's strides, no strided
+    # sweep over C copies.
+    small = start.detach().to(g.dtype).permute([d - 1 for d in order[1:]]).contiguous()
+    laid_out = small.expand(g.shape[0], *small.shape).contiguous()
+    laid_out = laid_out.permute(sorted(range(g.dim()), key=order.__getitem__))
+    if laid_out.shape != g.shape or laid_out.stride() != g.stride():
+        return w  # g is not dense (overlapping or with gaps): keep w as it is
+    return laid_out.requires_grad_(True)

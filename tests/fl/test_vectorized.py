@@ -83,6 +83,23 @@ def test_batch_plan_reproduces_batch_indices_per_client() -> None:
     sizes, seeds, epochs, batch_size = [7, 23, 1], [5, 6, 7], 2, 5
     index, mask = batch_plan(sizes, epochs=epochs, batch_size=batch_size, seeds=seeds)
     assert index.shape == mask.shape == (3, 2 * 5, 5)  # 23 samples: 5 batches per epoch; b_max = 5
+    _assert_plan_is_batch_indices(index, mask, sizes, seeds, epochs, batch_size)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_batch_plan_matches_batch_indices_in_every_case(case: str) -> None:
+    spec = CASES[case]
+    seeds = [11 * c + 3 for c in range(len(spec["sizes"]))]
+    index, mask = batch_plan(
+        spec["sizes"], epochs=spec["epochs"], batch_size=spec["batch_size"], seeds=seeds
+    )
+    _assert_plan_is_batch_indices(
+        index, mask, spec["sizes"], seeds, spec["epochs"], spec["batch_size"]
+    )
+
+
+def _assert_plan_is_batch_indices(index, mask, sizes, seeds, epochs, batch_size) -> None:
+    longest = widest = 0
     for c, (n, seed) in enumerate(zip(sizes, seeds, strict=True)):
         gen = torch.Generator().manual_seed(seed)
         want = [idx for _ in range(epochs) for idx in batch_indices(n, batch_size, gen)]
@@ -91,6 +108,10 @@ def test_batch_plan_reproduces_batch_indices_per_client() -> None:
             expected = want[s] if s < len(want) else torch.empty(0, dtype=torch.long)
             assert torch.equal(real, expected), f"client {c} step {s}"
             assert mask[c, s].sum() == len(expected)
+        longest = max(longest, len(want))
+        widest = max([widest, *(len(batch) for batch in want)])
+    assert index.shape[1] == longest  # S: the most steps any client takes
+    assert index.shape[2] == widest  # b_max: the widest batch
 
 
 def test_client_whose_batches_ran_out_keeps_its_weights_on_padded_steps() -> None:
@@ -392,3 +413,17 @@ def test_plain_clients_are_vectorized_and_match_the_sequential_run() -> None:
     assert vec.history.column("train_loss") == pytest.approx(
         seq.history.column("train_loss"), abs=ATOL
     )
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "logistic"])
+def test_returned_states_are_contiguous_tensors_of_the_model_shapes(name: str) -> None:
+    # the parameters are trained in their gradients' memory layout (transposed for linear
+    # weights); what a client hands on must still be plain contiguous tensors
+    model = build_model(name, seed=0)
+    global_state = clone_state(model.state_dict())
+    states, _ = vectorized_local_updates(
+        model, global_state, make_data([12, 9]), epochs=1, batch_size=4, lr=0.1, seeds=[0, 1]
+    )
+    for state in states:
+        for key, value in global_state.items():
+            assert state[key].shape == value.shape and state[key].is_contiguous(), key
