@@ -26,6 +26,7 @@ Use one torch thread for these tiny models on small CPUs (:func:`labsupport.devi
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -153,25 +154,25 @@ def train(
     sampler = batch_sampler or (lambda n, generator: batch_indices(n, batch_size, generator))
     dev = torch.device(device) if device is not None else None
     model.train()
-    total_samples, done = 0, 0
+    done = 0
     batch_losses: list[torch.Tensor] = []  # summed once at the end: no Python float per step
     batch_sizes: list[int] = []
     epoch = 0
+    limit = steps if steps is not None else math.inf  # hoisted: the hot loop of every run
     while epochs is None or epoch < epochs:
         for idx in sampler(len(x), generator=generator):
-            if steps is not None and done >= steps:
+            if done >= limit:
                 break
+            nb = idx.shape[0]  # not len(idx): Tensor.__len__ is a Python call
             xb, yb = x[idx], y[idx]
             if dev is not None:
                 xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-            if len(idx) == 0:  # an empty Poisson batch: no data term
+            if nb == 0:  # an empty Poisson batch: no data term
                 loss = sum(p.sum() * 0.0 for p in model.parameters())
+            elif loss_fn is None:
+                loss = F.cross_entropy(model(xb), yb)
             else:
-                loss = (
-                    loss_fn(model, xb, yb)
-                    if loss_fn is not None
-                    else F.cross_entropy(model(xb), yb)
-                )
+                loss = loss_fn(model, xb, yb)
             if penalty is not None:
                 loss = loss + penalty(model)
             opt.zero_grad(set_to_none=True)
@@ -180,12 +181,12 @@ def train(
                 grad_hook(model)
             opt.step()
             batch_losses.append(loss.detach())
-            batch_sizes.append(len(idx))
-            total_samples += len(idx)
+            batch_sizes.append(nb)
             done += 1
         epoch += 1
-        if steps is not None and done >= steps:
+        if done >= limit:
             break
+    total_samples = sum(batch_sizes)
     per_batch = torch.stack(batch_losses).double() if batch_losses else torch.zeros(0)
     total_loss = float((per_batch * torch.tensor(batch_sizes, dtype=torch.float64)).sum())
     losses = per_batch.tolist() if record_losses else []

@@ -66,7 +66,7 @@ def sim_overhead(smoke: bool) -> Result:
     )
     _bare_loop(clients[:1], FedAvgConfig(num_rounds=1, batch_size=10))  # warm-up (lazy init)
     bare, simulated = [], []
-    for _ in range(2 if smoke else 3):  # interleaved: load on a shared machine hits both alike
+    for _ in range(2 if smoke else 5):  # interleaved: load on a shared machine hits both alike
         bare.append(_bare_loop(clients, cfg))
         simulated.append(_simulated(clients, cfg))
     figures = {
