@@ -10,7 +10,8 @@ One function, :func:`load_dataset`, returns any dataset the course uses as tenso
 * ``digits`` -- scikit-learn's bundled 8x8 handwritten digits (1,797 images), for image visuals and
   2-D convolutions; always offline.
 * ``mnist``, ``fashion_mnist``, ``cifar10`` -- read from the files torchvision downloads (IDX files
-  for the MNIST family, the python pickle batches for CIFAR-10). They are downloaded into the data
+  for the MNIST family, the python pickle batches for CIFAR-10, read by an unpickler that
+  resolves numpy arrays and nothing else). They are downloaded into the data
   directory when the machine is online; offline, run ``python -m labsupport.data fetch NAME`` on a
   machine that is online and copy the data directory over.
 
@@ -336,10 +337,47 @@ def _load_mnist_family(name: str, folder: Path) -> Dataset:
     )
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Reads the CIFAR-10 python batches without running anything they name.
+
+    A pickle may call any importable function while it loads (``os.system`` included), so a file
+    swapped into the data directory could run code. These batches need only dicts, lists, strings,
+    numbers and numpy arrays; this unpickler resolves numpy's array rebuilding and nothing else
+    (the "Restricting Globals" recipe of the ``pickle`` documentation).
+    """
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refused global {module}.{name}: a CIFAR-10 batch holds only dicts, lists and "
+                "numpy arrays"
+            )
+        return super().find_class(module, name)
+
+
+def _read_python_batch(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        entry = _ArraysOnlyUnpickler(fh, encoding="latin1").load()
+    if not isinstance(entry, dict):
+        raise ValueError(f"holds a {type(entry).__name__}; expected a dict")
+    for value in entry.values():
+        if isinstance(value, np.ndarray) and value.dtype.hasobject:
+            raise ValueError("holds an array of Python objects; expected numbers")
+    return entry
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, "rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
+        entry = _read_python_batch(path)
         data = np.asarray(entry["data"], dtype=np.uint8)
         labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
     except Exception as exc:
@@ -359,8 +397,13 @@ def _load_cifar10(folder: Path) -> Dataset:
     base = folder / _CIFAR_FOLDER
     train = [_read_cifar_batch(base / f"data_batch_{i}") for i in range(1, 6)]
     x_te, y_te = _read_cifar_batch(base / "test_batch")
-    with open(base / "batches.meta", "rb") as fh:
-        names = tuple(pickle.load(fh, encoding="latin1")["label_names"])
+    try:
+        names = tuple(str(n) for n in _read_python_batch(base / "batches.meta")["label_names"])
+    except Exception as exc:
+        raise CorruptCacheError(
+            f"cannot read the CIFAR-10 class names in {base / 'batches.meta'}: {exc!r}. Delete "
+            f"{base} and run `python -m labsupport.data fetch cifar10` again."
+        ) from exc
     x_tr = np.concatenate([x for x, _ in train])
     y_tr = np.concatenate([y for _, y in train])
     return Dataset(

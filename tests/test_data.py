@@ -187,6 +187,33 @@ def test_cifar10_wrong_shape_is_reported(tmp_path):
         load_dataset("cifar10", root=tmp_path, download=False)
 
 
+class _RunsCode:
+    """Unpickled by plain pickle, this calls ``pathlib.Path.touch`` on a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.mark.parametrize("target", ["test_batch", "batches.meta"])
+def test_a_cifar_batch_that_would_run_code_is_refused_without_running_it(tmp_path, target):
+    _write_tiny_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "cifar-10-batches-py" / target, "wb") as fh:
+        pickle.dump(
+            {"data": _RunsCode(marker), "labels": [0], "label_names": [_RunsCode(marker)]}, fh
+        )
+    pickle.loads(pickle.dumps(_RunsCode(tmp_path / "check")))  # the payload does run under pickle
+    assert (tmp_path / "check").exists()
+    with pytest.raises(CorruptCacheError, match="refused global pathlib"):
+        load_dataset("cifar10", root=tmp_path, download=False)
+    assert not marker.exists()
+
+
 def test_missing_dataset_offline_says_how_to_fetch(tmp_path):
     with pytest.raises(DatasetNotAvailableError, match="python -m labsupport.data fetch mnist"):
         load_dataset("mnist", root=tmp_path, download=False)
