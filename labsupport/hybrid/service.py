@@ -43,7 +43,7 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from labsupport.models import load_model
 
@@ -305,15 +305,33 @@ def create_app(
             ),
         }
 
-    @app.post("/v1/predict")
-    async def predict(body: PredictOne) -> JSONResponse:
+    # The JSON routes parse and validate the raw body in one pass of pydantic-core's JSON parser
+    # (``model_validate_json``) instead of FastAPI's json.loads + dependency solving + validation:
+    # the same model, the same 422 messages, less work per request. The schema stays documented.
+    async def parse(request: Request, model: type[BaseModel]) -> Any:
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as exc:
+            errors = exc.errors(include_input=False)
+            raise RequestValidationError(  # located in the body, as FastAPI's own errors are
+                [{**e, "loc": ("body", *e["loc"])} for e in errors]
+            ) from None
+
+    def schema(model: type[BaseModel]) -> dict:
+        content = {"application/json": {"schema": model.model_json_schema()}}
+        return {"requestBody": {"required": True, "content": content}}
+
+    @app.post("/v1/predict", openapi_extra=schema(PredictOne))
+    async def predict(request: Request) -> JSONResponse:
         started = time.perf_counter()
+        body = await parse(request, PredictOne)
         out = answer(await run(check_rows([body.input])), body.request_id, started)
         return JSONResponse({**out, "prediction": out["predictions"][0]})
 
-    @app.post("/v1/predict_batch")
-    async def predict_batch(body: PredictBatch) -> JSONResponse:
+    @app.post("/v1/predict_batch", openapi_extra=schema(PredictBatch))
+    async def predict_batch(request: Request) -> JSONResponse:
         started = time.perf_counter()
+        body = await parse(request, PredictBatch)
         return JSONResponse(answer(await run(check_rows(body.inputs)), body.request_id, started))
 
     @app.post("/v1/predict_binary")

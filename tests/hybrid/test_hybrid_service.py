@@ -190,3 +190,13 @@ def test_microbatching_off_gives_the_same_answers(tiny):
         r = c.post("/v1/predict_batch", json={"inputs": x.tolist()})
     with torch.no_grad():
         assert r.json()["predictions"] == model(x).argmax(1).tolist()
+
+
+def test_validation_errors_point_into_the_body_and_the_schema_stays_documented(client):
+    r = client.post("/v1/predict", json={"input": [0.0] * 39 + ["x"]})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "input", 39]
+    spec = client.get("/openapi.json").json()["paths"]
+    for path, model in (("/v1/predict", "input"), ("/v1/predict_batch", "inputs")):
+        body = spec[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert model in body["properties"] and body["additionalProperties"] is False
