@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -80,3 +82,28 @@ def test_list_command(capsys):
 
     assert main(["--list"]) == 0
     assert "baselines" in capsys.readouterr().out
+
+
+def test_several_benchmarks_run_each_in_its_own_process_and_a_failure_loses_no_other(
+    tmp_path, monkeypatch, capsys
+):
+    from labsupport.bench import __main__ as cli
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # one child process per benchmark: fail the first, pass the second
+        calls.append(cmd)
+        name = cmd[cmd.index("labsupport.bench") + 1]
+        if name == "threads":
+            return subprocess.CompletedProcess(cmd, 1)
+        payload = {"benchmark": name, "figures": {"x": 1.0}, "met": {"x": True}, "seconds": 0.1}
+        (tmp_path / f"{name}.json").write_text(json.dumps(payload))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    assert cli.main(["threads", "accountants", "--smoke", "--out", str(tmp_path)]) == 1
+    assert [c[c.index("labsupport.bench") + 1] for c in calls] == ["threads", "accountants"]
+    assert all(c[0] == sys.executable and "--smoke" in c for c in calls)
+    out = capsys.readouterr()
+    assert "threads: FAILED" in out.out and "accountants: x=1 -- 1/1 targets met" in out.out
+    assert "1 benchmark(s) failed: threads" in out.err
