@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from labsupport.bench import results_dir
+from labsupport.bench import load_all, results_dir
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 TIMES_BEGIN, TIMES_END = "<!-- times:begin -->", "<!-- times:end -->"
@@ -51,7 +51,8 @@ def table(bench_dir: Path) -> str:
     machine = json.loads(files[0].read_text()).get("machine", {})
     rows.append("")
     rows.append(
-        f"Measured by `make results` (`python -m labsupport.bench all`) on {machine.get('cpus')} CPU(s), "
+        f"Measured with `python -m labsupport.bench NAME ...` (`make bench` runs all "
+        f"{len(load_all())}; this table holds the {len(files)} above) on {machine.get('cpus')} CPU(s), "
         f"{machine.get('processor')}, Python {machine.get('python')}, "
         f"{machine.get('torch_threads')} torch thread(s)."
     )
