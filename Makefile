@@ -21,6 +21,9 @@ export HF_DATASETS_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+# What `make results` executes: the labs, and chapter 06 as its solutions (the student copies in
+# notebooks/ stop at their first exercise by design; the solutions are what the answer key is read from).
+RESULT_NOTEBOOKS := $(filter-out notebooks/06_%,$(NOTEBOOKS)) $(sort $(wildcard solutions/06_*.ipynb))
 
 .PHONY: all install test lint format lab results bench report readme-table clean test-gpu
 
@@ -70,15 +73,15 @@ gpu-check: $(STAMP)
 lab: $(STAMP)
 	$(PY) -m labsupport.labserver notebooks/
 
-# The main job: every notebook in full mode (executed copies and figures under results/), the
-# benchmarks, and the results table in results/README.md. It writes nothing tracked: refreshing the
-# README's own table from those results is a maintainer's step, `make readme-table`.
+# The main job: every lab and chapter 06's solutions in full mode (executed copies and figures under
+# results/), the benchmarks, and the results table in results/README.md. It writes nothing tracked:
+# refreshing the README's own table from those results is a maintainer's step, `make readme-table`.
 results: $(STAMP)
 	mkdir -p $(RESULTS)/notebooks
 	rm -f $(RESULTS)/notebook_times.tsv
-	@for nb in $(NOTEBOOKS); do \
+	@for nb in $(RESULT_NOTEBOOKS); do \
 		echo "== $$nb"; start=$$(date +%s); \
-		LAB_RESULTS_DIR=$(abspath $(RESULTS)) $(VENV)/bin/papermill --cwd notebooks --kernel python3 \
+		LAB_RESULTS_DIR=$(abspath $(RESULTS)) $(VENV)/bin/papermill --cwd $$(dirname $$nb) --kernel python3 \
 			$$nb $(RESULTS)/notebooks/$$(basename $$nb) || exit 1; \
 		secs=$$(( $$(date +%s) - start )); echo "   $$secs s"; \
 		printf '%s\t%s\n' "$$(basename $$nb)" "$$secs" >> $(RESULTS)/notebook_times.tsv; \
