@@ -88,6 +88,7 @@ class RunToTarget:
     rounds: int | None
     history: History
     simulation: FedAvgSimulation
+    stopped: str | None = None  # why the run ended before its rounds ran out without the target
 
     @property
     def test_accuracy(self) -> float | None:
@@ -105,18 +106,37 @@ def rounds_to_target(
     model: str = "mlp",
     progress: bool = False,
     desc: str = "",
+    give_up_after: int | None = 20,
 ) -> RunToTarget:
     """Run ``cfg`` until the global model's *validation* accuracy reaches ``target`` (or the rounds
-    run out); with ``test``, every evaluated round also records test accuracy in ``extra``."""
+    run out); with ``test``, every evaluated round also records test accuracy in ``extra``.
+
+    A learning rate too large for the task makes every client diverge: each reply is rejected as
+    non-finite, the global model is kept, and the next round diverges again from the same model.
+    After ``give_up_after`` such rounds in a row (``None``: never) the run stops with ``rounds=None``
+    and ``stopped`` saying why, instead of spending its remaining rounds (and a log line per client)
+    on updates that can no longer change anything.
+    """
+    if give_up_after is not None and give_up_after < 1:
+        raise ValueError(f"give_up_after must be >= 1 or None, got {give_up_after}")
     sim = FedAvgSimulation(build_model(model, seed=cfg.seed), clients, validation, cfg)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.num_rounds, desc=desc, disable=not progress)
-    reached = None
+    reached, stopped, all_rejected = None, None, 0
     while sim.round < cfg.num_rounds:
         last = sim.round + 1 == cfg.num_rounds
         record = sim.run_round(evaluate_now=True if last else None)
         bar.update(1)
+        nobody = bool(record.rejected) and set(record.rejected) >= set(record.clients)
+        all_rejected = all_rejected + 1 if nobody else 0
+        if give_up_after is not None and all_rejected >= give_up_after:
+            stopped = (
+                f"every client was rejected in {all_rejected} rounds in a row (rounds "
+                f"{record.round - all_rejected + 1}-{record.round}; e.g. "
+                f"{next(iter(record.rejected.values()))}): the run diverged at lr={cfg.lr}"
+            )
+            break
         if record.accuracy is not None:
             if test is not None:
                 record.extra["test_accuracy"] = evaluate(sim.global_model(), *test)["accuracy"]
@@ -125,7 +145,7 @@ def rounds_to_target(
                 reached = record.round
                 break
     bar.close()
-    return RunToTarget(reached, sim.history, sim)
+    return RunToTarget(reached, sim.history, sim, stopped)
 
 
 def tune_lr(

@@ -121,3 +121,20 @@ def test_local_only_rejects_empty_input():
         local_only([], {"val": _blobs(10, 0)})
     with pytest.raises(ValueError, match="split"):
         local_only([DataClient(*_blobs(10, 0))], {})
+
+
+def test_a_diverged_run_gives_up_instead_of_running_out_its_rounds(federation, caplog):
+    clients, val, cfg = federation
+    from dataclasses import replace
+
+    cfg = replace(cfg, num_rounds=50, lr=1e12)  # every local update overflows to inf/NaN
+    run = rounds_to_target(clients, val, cfg, 0.9, give_up_after=3)
+    assert run.rounds is None and len(run.history) == 3
+    assert all(set(r.rejected) == set(r.clients) for r in run.history.rounds)
+    assert "3 rounds in a row" in run.stopped and "lr=1000000000000.0" in run.stopped
+    assert "non-finite" in run.stopped  # the clients' own rejection reason is kept
+    # a run that never diverges is not stopped, whatever give_up_after says
+    fine = rounds_to_target(clients, val, replace(cfg, num_rounds=3, lr=0.05), 1.1, give_up_after=1)
+    assert fine.stopped is None and len(fine.history) == 3
+    with pytest.raises(ValueError, match="give_up_after"):
+        rounds_to_target(clients, val, cfg, 0.9, give_up_after=0)

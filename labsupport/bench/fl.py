@@ -144,11 +144,13 @@ def fedavg_vs_fedsgd(smoke: bool) -> Result:
             "fedsgd": {
                 "best_lr": fedsgd_lr,
                 "rounds_per_lr": fedsgd_all,
+                "stopped_per_lr": {lr: r.stopped for lr, r in fedsgd_runs.items() if r.stopped},
                 "config": asdict(fedsgd_cfg),
             },
             "fedavg": {
                 "best_lr": fedavg_lr,
                 "rounds_per_lr": fedavg_all,
+                "stopped_per_lr": {lr: r.stopped for lr, r in fedavg_runs.items() if r.stopped},
                 "config": asdict(fedavg_cfg),
             },
         },
