@@ -10,10 +10,10 @@ One function, :func:`load_dataset`, returns any dataset the course uses as tenso
 * ``digits`` -- scikit-learn's bundled 8x8 handwritten digits (1,797 images), for image visuals and
   2-D convolutions; always offline.
 * ``mnist``, ``fashion_mnist``, ``cifar10`` -- read from the files torchvision downloads (IDX files
-  for the MNIST family, the python pickle batches for CIFAR-10, read by an unpickler that
-  resolves numpy arrays and nothing else). They are downloaded into the data
-  directory when the machine is online; offline, run ``python -m labsupport.data fetch NAME`` on a
-  machine that is online and copy the data directory over.
+  for the MNIST family; for CIFAR-10 the python pickle batches, read by an unpickler that resolves
+  numpy arrays and nothing else). They are downloaded into the data directory when the machine is
+  online; offline, run ``python -m labsupport.data fetch NAME`` on a machine that is online and
+  copy the data directory over.
 
 The data directory is ``$LAB_DATA_DIR`` if set, else ``data/`` in the repository (or
 ``~/.cache/labsupport`` for a non-editable install).

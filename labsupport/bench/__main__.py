@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(names) == 1:
         print(summary_line(run(names[0], smoke=args.smoke, out_dir=args.out)), flush=True)
         return 0
-    # Several benchmarks: each in a fresh process. Run in one, a benchmark measured what the ones
-    # before it left behind (Ray's workers, allocator state, thread pools): sim_overhead read 1.5
-    # after edge_table and flower in one process, 1.03-1.11 on its own.
+    # Several benchmarks: each in a fresh process. Run in one, a benchmark also measured what the
+    # ones before it left behind (Ray's workers, allocator state, thread pools): sim_overhead's ratio
+    # after edge_table in the same process moved by more than its target's margin, either way.
     folder = Path(args.out) if args.out is not None else results_dir() / "bench"
     lines, failed = [], []
     for name in names:

@@ -13,8 +13,8 @@ Figures:
   two are measured side by side in blocks of three rounds back to back (as a simulation runs them),
   the blocks interleaved, and the minimum of the repeats is kept.
   ``speedup`` = sequential ÷ vectorized (target >= 10).
-* ``matmul_floor_s`` / ``speedup_ceiling`` -- what any batched-matrix-product implementation can
-  reach on this machine: the round's forward and backward passes alone, written by hand as
+* ``matmul_floor_s`` / ``speedup_ceiling`` -- what batched matrix products, written directly, reach
+  on this machine: the round's forward and backward passes alone, written by hand as
   ``baddbmm`` calls on stacked weights (the MLP's three layers, cross-entropy, one backward; no
   batching plan, no update, no Python around them), timed in the same blocks; the ceiling is
   ``sequential_s`` ÷ that floor. Both ways do the same arithmetic (400 steps of 10 samples); the

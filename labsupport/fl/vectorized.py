@@ -284,7 +284,8 @@ def vectorized_local_updates(
 
     total = counts.sum(dim=1).clamp(min=1).double()
     mean_losses = (loss_sum / total).tolist()
-    # Client c's parameters are slice c of each stacked tensor (a view: no copy of C models).
+    # Client c's parameters are slice c of each stacked tensor: views, after at most one copy of
+    # each (contiguous() undoes the gradient layout _relayout chose; a no-op when it chose none).
     per_client = {k: w.contiguous().unbind(0) for k, w in params.items()}
     states = []
     for c in range(num_clients):

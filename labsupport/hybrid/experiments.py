@@ -378,10 +378,8 @@ def microbatch_throughput(
 ) -> dict:
     """Throughput of one replica without and with micro-batching, alternated ``rounds`` times.
 
-    Each run first sends ``min(1000, num_requests)`` untimed requests: a fresh replica's first few
-    thousand batched requests ran slower (2,835 against 3,617 requests/s, the first and the last
-    of four loads back to back on one replica), and
-    a throughput figure is the steady state.
+    Each run first sends ``min(1000, num_requests)`` untimed requests: a fresh replica answers its
+    first batched requests more slowly than later ones, and a throughput figure is the steady state.
     """
     runs: dict[str, list[dict]] = {"off": [], "on": []}
     for _ in range(rounds):

@@ -158,8 +158,8 @@ class BodyLimit:
     A declared ``content-length`` over the limit is answered at once; a body sent without one (chunked)
     is counted as it arrives and refused when it passes the limit, so no client can make the server
     hold more than ``max_bytes`` of one request. (Starlette's ``@app.middleware("http")`` would do the
-    first check only, and wraps every request in extra tasks and streams that cost more than the
-    model's forward pass at batch 1.)
+    first check only, and wraps every request in extra tasks and streams: a per-request cost of the
+    same order as the cloud model's forward pass at batch 1, which micro-batching cannot share.)
     """
 
     def __init__(self, app: Any, max_bytes: int) -> None:
@@ -264,16 +264,21 @@ def create_app(
         state["served"] += len(x)
         return await batcher.submit(x, layer) if microbatch else forward(x, layer)
 
-    def answer(logits: torch.Tensor, request_id: str | None, started: float) -> dict:
-        # returned as a JSONResponse by each route: plain floats and strings need no FastAPI
-        # response validation and jsonable_encoder pass, which cost more than a batch-1 forward
-        return {
+    def answer(
+        logits: torch.Tensor, request_id: str | None, started: float, *, one: bool = False
+    ) -> JSONResponse:
+        # A JSONResponse of plain floats and strings: no FastAPI response validation and
+        # jsonable_encoder pass, work per request that micro-batching cannot share.
+        out = {
             "request_id": request_id,
             "predictions": logits.argmax(1).tolist(),
             "logits": logits.tolist(),
             "replica": replica,
             "server_ms": (time.perf_counter() - started) * 1000,
         }
+        if one:
+            out["prediction"] = out["predictions"][0]
+        return JSONResponse(out)
 
     def check_rows(rows: list[list[float]]) -> torch.Tensor:
         if not rows:
@@ -325,14 +330,13 @@ def create_app(
     async def predict(request: Request) -> JSONResponse:
         started = time.perf_counter()
         body = await parse(request, PredictOne)
-        out = answer(await run(check_rows([body.input])), body.request_id, started)
-        return JSONResponse({**out, "prediction": out["predictions"][0]})
+        return answer(await run(check_rows([body.input])), body.request_id, started, one=True)
 
     @app.post("/v1/predict_batch", openapi_extra=schema(PredictBatch))
     async def predict_batch(request: Request) -> JSONResponse:
         started = time.perf_counter()
         body = await parse(request, PredictBatch)
-        return JSONResponse(answer(await run(check_rows(body.inputs)), body.request_id, started))
+        return answer(await run(check_rows(body.inputs)), body.request_id, started)
 
     @app.post("/v1/predict_binary")
     async def predict_binary(request: Request) -> JSONResponse:
@@ -372,7 +376,7 @@ def create_app(
             raise HTTPException(422, f"x has dtype {x.dtype}; expected float32 or int8")
         if not torch.isfinite(x).all():
             raise HTTPException(422, "x contains NaN or inf")
-        return JSONResponse(answer(await run(x, layer), meta.get("request_id"), started))
+        return answer(await run(x, layer), meta.get("request_id"), started)
 
     return app
 
