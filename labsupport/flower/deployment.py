@@ -132,6 +132,11 @@ def _check_exposure(host: str, secure: bool, allow_insecure_remote: bool) -> str
     return message
 
 
+_PLAIN_TO_TLS = (
+    "the SuperLink closed the connection: the SuperNode speaks plain HTTP (--insecure) but "
+    "the SuperLink requires TLS"
+)
+
 #: What a SuperNode's log says when it is refused, and what that means.
 _REFUSALS = (
     (
@@ -146,9 +151,10 @@ _REFUSALS = (
         "it dials)",
     ),
     (
-        ("Server disconnected without sending a response",),
-        "the SuperLink closed the connection: the SuperNode speaks plain HTTP (--insecure) but "
-        "the SuperLink requires TLS",
+        # A TLS SuperLink answers a plain-HTTP request by closing the connection or by resetting
+        # it; which one the node sees depends on timing (both were seen here).
+        ("Server disconnected without sending a response", "Connection reset by peer"),
+        _PLAIN_TO_TLS,
     ),
     (
         ("Exit Code: 303",),
@@ -161,11 +167,23 @@ _REFUSALS = (
 )
 
 
-def diagnose_supernode(log_text: str) -> str:
-    """Why a SuperNode could not join, read from its log (a generic reason if no pattern fits)."""
+def diagnose_supernode(log_text: str, *, superlink_tls: bool | None = None) -> str:
+    """Why a SuperNode could not join, read from its log (a generic reason if no pattern fits).
+
+    ``superlink_tls`` is what the caller knows of the SuperLink (True: it requires TLS). A node
+    started with ``--insecure`` that failed to connect to such a SuperLink is diagnosed as speaking
+    plain HTTP even when its log stops before the connection error is written out (seen in CI: the
+    node exited after its first retry warning, with no error line).
+    """
     for needles, reason in _REFUSALS:
         if any(n in log_text for n in needles):
             return reason
+    if (
+        superlink_tls
+        and "Option `--insecure` was set" in log_text
+        and "Connection attempt failed" in log_text
+    ):
+        return _PLAIN_TO_TLS
     return "it did not report a SuperNode ID (see its log)"
 
 
@@ -466,7 +484,7 @@ class LocalDeployment:
             if proc.poll() is not None:
                 raise DeploymentError(
                     f"{name} could not join the federation (exit code {proc.returncode}): "
-                    f"{diagnose_supernode(tail(log, 400))}. Its log {log} ends:\n{tail(log, 12)}"
+                    f"{self._why(log)}. Its log {log} ends:\n{tail(log, 12)}"
                 )
             link = self.processes["superlink"]
             if link.poll() is not None:
@@ -478,9 +496,13 @@ class LocalDeployment:
                 raise DeploymentError(
                     f"{name} did not connect within "
                     f"{self.startup_timeout if timeout is None else timeout:g} s: "
-                    f"{diagnose_supernode(tail(log, 400))}. Its log {log} ends:\n{tail(log, 12)}"
+                    f"{self._why(log)}. Its log {log} ends:\n{tail(log, 12)}"
                 )
             time.sleep(0.2)
+
+    def _why(self, log: Path) -> str:
+        """Why the SuperNode that writes ``log`` did not join (see :func:`diagnose_supernode`)."""
+        return diagnose_supernode(tail(log, 400), superlink_tls=self.secure)
 
     def _run_flwr(self, cmd: list[str]) -> subprocess.CompletedProcess:
         """Run a short ``flwr`` command in this deployment's environment (wide output, no stdin)."""

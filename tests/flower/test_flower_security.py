@@ -127,6 +127,24 @@ def test_diagnose_supernode_names_the_reason(log, reason):
     assert reason in diagnose_supernode(log)
 
 
+#: An --insecure node's log as CI once read it against a TLS SuperLink: it exited (code 1) after
+#: one retry warning, before any connection error was written out.
+CUT_SHORT = (
+    "WARNING :   Option `--insecure` was set. Starting insecure channel to 127.0.0.1:43681.\n"
+    "INFO :      Starting Flower SuperExec\n"
+    "WARNING :   Connection attempt failed, retrying in 0.72 seconds"
+)
+
+
+def test_diagnose_supernode_reads_a_reset_or_a_cut_short_log_of_a_plain_http_node():
+    reset = "Failed to initialize the connection to the SuperLink.\n[Errno 104] Connection reset by peer"
+    assert "requires TLS" in diagnose_supernode(reset)  # the other way a TLS server refuses it
+    assert "requires TLS" in diagnose_supernode(CUT_SHORT, superlink_tls=True)
+    # Without knowing the SuperLink speaks TLS, a failed attempt alone proves nothing.
+    assert "did not report a SuperNode ID" in diagnose_supernode(CUT_SHORT)
+    assert "did not report a SuperNode ID" in diagnose_supernode(CUT_SHORT, superlink_tls=False)
+
+
 # ------------------------------------------------------------------- the secure federation, live
 
 
