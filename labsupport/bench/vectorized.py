@@ -1,4 +1,4 @@
-"""``vectorized_clients``: 100 small-model clients trained one by one vs all at once with ``torch.func``.
+"""``vectorized_clients``: 100 small-model clients trained one by one vs all at once, batched.
 
 The cross-device setting of McMahan et al. (2017): ``K = 100`` clients, here MNIST-1D's 4,000
 training samples split IID into 40 per client, the reference MLP, one local epoch of SGD (``B = 10``,
@@ -9,25 +9,24 @@ four steps for all 100 clients in one batched call.
 Figures:
 
 * ``sequential_s`` / ``vectorized_s`` -- the wall time of one round's local training, as a plain loop
-  of :func:`~labsupport.fl.clients.local_update` over the 100 clients and as one vectorized call; the
-  two are measured side by side in blocks of three rounds back to back (as a simulation runs them),
-  the blocks interleaved, and the minimum of the repeats is kept.
-  ``speedup`` = sequential ÷ vectorized (target >= 10).
-* ``matmul_floor_s`` / ``speedup_ceiling`` -- what batched matrix products, written directly, reach
-  on this machine: the round's forward and backward passes alone, written by hand as
-  ``baddbmm`` calls on stacked weights (the MLP's three layers, cross-entropy, one backward; no
-  batching plan, no update, no Python around them), timed in the same blocks; the ceiling is
-  ``sequential_s`` ÷ that floor. Both ways do the same arithmetic (400 steps of 10 samples); the
-  vectorized way can only remove the Python around it.
-* ``max_param_diff`` -- the largest difference between the two ways' client models in the timed round
-  (the same computation: float rounding only).
+  of :func:`~labsupport.fl.clients.local_update` over the 100 clients and as one vectorized call
+  (``method="auto"``: for this MLP, the backpropagation written out in
+  :mod:`labsupport.fl.batched_mlp`); the ways are measured side by side in blocks of three rounds
+  back to back (as a simulation runs them), the blocks interleaved, and the minimum of the repeats
+  is kept. ``speedup`` = sequential ÷ vectorized (target >= 10).
+* ``vectorized_vmap_s`` / ``speedup_vmap`` -- the same call with ``method="vmap"``, the general path
+  any supported model takes (``torch.func.vmap`` over the forward pass, one autograd backward), timed
+  in the same blocks. Both vectorized ways do the same arithmetic as the loop (400 steps of 10
+  samples); they differ in what they add around it.
+* ``max_param_diff`` -- the largest difference between the loop's client models and either vectorized
+  way's in the timed round (the same computation: float rounding only).
 * ``speedup_1000`` (and ``sequential_s_1000`` / ``vectorized_s_1000``) -- one round with 1,000 clients
   of the same size (40 samples each, from 50,000 generated signals): how the cost of each way grows
   with the federation (200 clients in smoke mode).
 * ``round_peak_mb_<way>_<clients>`` -- how far one round raises the peak resident memory of a fresh
   process that has loaded the data (``VmHWM``, reset just before the round, minus the RSS then;
-  Linux): the vectorized way
-  holds every client's copy of the model, its gradients and its batch at once.
+  Linux): the vectorized way holds every client's copy of the model and of its batch's activations
+  at once.
 * ``accuracy_sequential`` / ``accuracy_vectorized`` / ``accuracy_gap`` -- test accuracy (percent) of
   the global model after 30 FedAvg rounds (2 in smoke mode) of
   :class:`~labsupport.fl.server.FedAvgSimulation` with all 100 clients, ``vectorized=False`` and
@@ -44,7 +43,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from labsupport.data import load_dataset
@@ -84,12 +82,17 @@ def iid_clients(
 
 
 def _time_rounds(
-    model: nn.Module, global_state: StateDict, data: list[ClientData], rounds: int
-) -> tuple[float, float, float]:
-    """Seconds per round of the sequential loop and of the vectorized call, and their largest
-    weight difference. Each way runs ``rounds`` rounds back to back (other seeds each round), as a
-    simulation runs it: timing a single call right after the other way's garbage would measure the
-    memory allocator's cold start as much as the training."""
+    model: nn.Module,
+    global_state: StateDict,
+    data: list[ClientData],
+    rounds: int,
+    methods: tuple[str, ...] = ("auto",),
+) -> tuple[float, dict[str, float], float]:
+    """Seconds per round of the sequential loop and of the vectorized call (each ``method`` of
+    :func:`vectorized_local_updates`), and the largest weight difference from the sequential
+    models. Each way runs ``rounds`` rounds back to back (other seeds each round), as a simulation
+    runs it: timing a single call right after the other way's garbage would measure the memory
+    allocator's cold start as much as the training."""
     seeds = [[client_seed(SEED, r, cid) for cid in range(len(data))] for r in range(1, rounds + 1)]
     start = time.perf_counter()
     for round_seeds in seeds:
@@ -98,51 +101,30 @@ def _time_rounds(
             for (x, y), seed in zip(data, round_seeds, strict=True)
         ]
     sequential_s = (time.perf_counter() - start) / rounds
-    start = time.perf_counter()
-    for round_seeds in seeds:
-        vectorized, _ = vectorized_local_updates(
-            model,
-            global_state,
-            data,
-            epochs=EPOCHS,
-            batch_size=BATCH_SIZE,
-            lr=LR,
-            seeds=round_seeds,
+    times, diff = {}, 0.0
+    for method in methods:
+        start = time.perf_counter()
+        for round_seeds in seeds:
+            vectorized, _ = vectorized_local_updates(
+                model,
+                global_state,
+                data,
+                epochs=EPOCHS,
+                batch_size=BATCH_SIZE,
+                lr=LR,
+                seeds=round_seeds,
+                method=method,
+            )
+        times[method] = (time.perf_counter() - start) / rounds
+        diff = max(  # the last round's models, each way against the sequential one
+            diff,
+            *(
+                float((a[k] - b[k]).abs().max())
+                for a, b in zip(sequential, vectorized, strict=True)
+                for k in a
+            ),
         )
-    vectorized_s = (time.perf_counter() - start) / rounds
-    diff = max(  # the last round's models, both ways
-        float((a[k] - b[k]).abs().max())
-        for a, b in zip(sequential, vectorized, strict=True)
-        for k in a
-    )
-    return sequential_s, vectorized_s, diff
-
-
-def _matmul_floor_s(model: nn.Module, global_state: StateDict, data: list[ClientData]) -> float:
-    """Seconds of one round's batched arithmetic alone: for each of the round's steps, the MLP's
-    forward and backward for every client at once as hand-written batched matrix products."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if len(linears) != 3:
-        raise ValueError("the floor is written for the reference MLP's three linear layers")
-    num_clients = len(data)
-    steps = -(-len(data[0][1]) // BATCH_SIZE) * EPOCHS
-    w = [
-        global_state[f"{n}.weight"].expand(num_clients, -1, -1).transpose(1, 2).contiguous()
-        for n in names
-    ]
-    b = [global_state[f"{n}.bias"].expand(num_clients, -1)[:, None].contiguous() for n in names]
-    leaves = [t.requires_grad_() for t in w + b]
-    x = torch.stack([xc[:BATCH_SIZE] for xc, _ in data])  # (C, B, 40)
-    y = torch.stack([yc[:BATCH_SIZE] for _, yc in data])
-    start = time.perf_counter()
-    for _ in range(steps):
-        h = torch.relu(torch.baddbmm(b[0], x, w[0]))
-        h = torch.relu(torch.baddbmm(b[1], h, w[1]))
-        logits = torch.baddbmm(b[2], h, w[2])
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        torch.autograd.grad(loss.view(num_clients, -1).mean(1).sum(), leaves)
-    return time.perf_counter() - start
+    return sequential_s, times, diff
 
 
 def _fedavg_accuracy(
@@ -173,15 +155,15 @@ def run(smoke: bool) -> Result:
     global_state = clone_state(model.state_dict())
     # Warm-up, untimed: torch.func's first call imports a lot, and the first 100-client step
     # allocates its batched buffers.
-    _time_rounds(model, global_state, data, 1)
-    _matmul_floor_s(model, global_state, data)
-    sequential, vectorized, diffs, floor = [], [], [], []
-    for _ in range(repeats):  # interleaved, so load on a shared machine hits both alike
-        seq_s, vec_s, diff = _time_rounds(model, global_state, data, 3)
+    methods = ("auto", "vmap")
+    _time_rounds(model, global_state, data, 1, methods)
+    sequential, vectorized, vmapped, diffs = [], [], [], []
+    for _ in range(repeats):  # interleaved, so load on a shared machine hits all alike
+        seq_s, vec_s, diff = _time_rounds(model, global_state, data, 3, methods)
         sequential.append(seq_s)
-        vectorized.append(vec_s)
+        vectorized.append(vec_s["auto"])
+        vmapped.append(vec_s["vmap"])
         diffs.append(diff)
-        floor.append(min(_matmul_floor_s(model, global_state, data) for _ in range(3)))
 
     # How cost grows with the federation: one round of 1,000 clients of the same size (40 samples),
     # and the peak memory of each way, each measured in a fresh process.
@@ -190,6 +172,7 @@ def run(smoke: bool) -> Result:
     big_data = iid_clients(big_ds.x_train, big_ds.y_train, big, seed=SEED)[:big]
     _time_rounds(model, global_state, big_data[:50], 1)
     seq_big, vec_big, _ = _time_rounds(model, global_state, big_data, 1)
+    vec_big = vec_big["auto"]
     memory = {
         f"round_peak_mb_{mode}_{n}": _peak_rss_mb(mode, n, smoke)
         for n in (NUM_CLIENTS, big)
@@ -203,8 +186,8 @@ def run(smoke: bool) -> Result:
         "sequential_s": round(min(sequential), 4),
         "vectorized_s": round(min(vectorized), 4),
         "speedup": round(min(sequential) / min(vectorized), 2),
-        "matmul_floor_s": round(min(floor), 4),
-        "speedup_ceiling": round(min(sequential) / min(floor), 2),
+        "vectorized_vmap_s": round(min(vmapped), 4),
+        "speedup_vmap": round(min(sequential) / min(vmapped), 2),
         "max_param_diff": float(max(diffs)),
         "accuracy_sequential": round(acc_seq, 2),
         "accuracy_vectorized": round(acc_vec, 2),
@@ -231,6 +214,7 @@ def run(smoke: bool) -> Result:
         "fedavg_rounds": rounds,
         "sequential_s_all": [round(t, 4) for t in sequential],
         "vectorized_s_all": [round(t, 4) for t in vectorized],
+        "vectorized_vmap_s_all": [round(t, 4) for t in vmapped],
         "fedavg_seconds": {"sequential": round(sim_seq_s, 2), "vectorized": round(sim_vec_s, 2)},
     }
     return Result(figures, targets, details)

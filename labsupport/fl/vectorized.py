@@ -19,9 +19,11 @@ spends most of its time in Python, not in arithmetic: one SGD step of a 40-100-1
 samples is microseconds of matrix products inside a fraction of a millisecond of interpreter,
 dispatch and optimizer overhead, paid again for every client and every step. One batched step for
 100 clients pays that overhead once and hands the arithmetic to a few batched matrix products.
-Both ways still do the same arithmetic, so the gain is bounded by it: ``python -m labsupport.bench
-vectorized_clients`` measures the ratio (about 4x on one CPU thread) beside the ceiling that the
-batched matrix products alone allow (about 8-11x).
+Both ways still do the same arithmetic, so the gain is bounded by it. For a chain of Linear and ReLU
+layers (the reference MLP) the steps take a second path, :mod:`labsupport.fl.batched_mlp`, with the
+backpropagation written out and the gradient written straight into the weights; any other model
+takes the ``vmap`` path described here. ``python -m labsupport.bench vectorized_clients`` measures
+both against the loop.
 
 Clients of different sizes. Client ``c`` has ``n_c`` samples; each epoch it takes ``ceil(n_c / B)``
 steps, the last batch possibly short (``B = batch_size``; ``None`` is one full batch per epoch).
@@ -65,6 +67,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
+
+from .batched_mlp import LinearReLUChain, linear_relu_chain, sgd_steps
 
 __all__ = ["batch_plan", "vectorized_local_updates"]
 
@@ -137,16 +141,18 @@ def _check_data(data: Sequence[tuple[Tensor, Tensor]], seeds: Sequence[int]) -> 
         raise ValueError(
             f"got data for {len(data)} clients but {len(seeds)} seeds; expected one seed per client"
         )
-    for c, (x, y) in enumerate(data):
-        if len(x) != len(y):
-            raise ValueError(f"client {c} has {len(x)} inputs but {len(y)} labels")
-        if len(x) == 0:
-            raise ValueError(f"client {c} has no samples; every client needs at least one to train")
+    x0, y0 = data[0] if data else (None, None)
+    for c, (x, y) in enumerate(data):  # shape[0], not len(): Tensor.__len__ is a Python call
         if y.dim() != 1:
             raise ValueError(
                 f"client {c} labels have shape {tuple(y.shape)}; expected class indices of shape (n,)"
             )
-        x0, y0 = data[0]
+        if x.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"client {c} has {len(x) if x.dim() else 0} inputs but {len(y)} labels"
+            )
+        if y.shape[0] == 0:
+            raise ValueError(f"client {c} has no samples; every client needs at least one to train")
         if x.shape[1:] != x0.shape[1:] or x.dtype != x0.dtype or y.dtype != y0.dtype:
             raise ValueError(
                 f"client {c} has samples of shape {tuple(x.shape[1:])} ({x.dtype}, labels {y.dtype}); "
@@ -163,6 +169,7 @@ def vectorized_local_updates(
     batch_size: int | None,
     lr: float,
     seeds: Sequence[int],
+    method: str = "auto",
 ) -> tuple[list[dict[str, Tensor]], list[float]]:
     """ClientUpdate of FedAvg (plain SGD) for all clients in ``data`` at once.
 
@@ -173,7 +180,15 @@ def vectorized_local_updates(
     dict (parameters trained, buffers copied from ``global_state``) and its mean training loss over
     all steps, weighted by batch size (``TrainResult.loss``). The clients' parameters are views into
     one stacked tensor per parameter (no copy of ``C`` models).
+
+    ``method``: ``"vmap"`` takes every step with ``vmap`` and autograd (any supported model);
+    ``"linear_relu"`` with the backpropagation written out in
+    :mod:`labsupport.fl.batched_mlp` (only a chain of Linear and ReLU layers, all trained; a
+    ValueError says why another model does not qualify); ``"auto"`` (default) takes the second
+    wherever it applies. Both compute the same steps.
     """
+    if method not in ("auto", "vmap", "linear_relu"):
+        raise ValueError(f"method must be 'auto', 'vmap' or 'linear_relu', got {method!r}")
     _check_data(data, seeds)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
@@ -207,28 +222,122 @@ def vectorized_local_updates(
         if canonical[name] == name and p.requires_grad:
             trainable.append(name)
     num_clients = len(data)
-    # params[k][c] is client c's copy of parameter k; all start from the global model.
-    params = {
-        k: global_state[k].detach().expand(num_clients, *global_state[k].shape).clone()
-        for k in trainable
-    }
     constants = {
         k: global_state[k].detach()
         for k in model.state_dict()
         if k not in trainable and canonical.get(k, k) == k
     }
-    device = next(iter(params.values())).device if params else torch.device("cpu")
+    device = global_state[trainable[0]].device if trainable else torch.device("cpu")
 
     # All clients' samples in one tensor; client c's sample j is row offset[c] + j.
     x_all = torch.cat([x for x, _ in data]).to(device)
     y_all = torch.cat([y for _, y in data]).to(device)
-    sizes = [len(y) for _, y in data]
+    sizes = [y.shape[0] for _, y in data]
     offset = torch.tensor([0, *sizes[:-1]]).cumsum(0)
     index, mask = batch_plan(sizes, epochs=epochs, batch_size=batch_size, seeds=seeds)
     rows = (index + offset[:, None, None]).to(device)  # (C, S, b_max) rows of x_all
     mask = mask.to(device)
     counts = mask.sum(dim=2)  # (C, S): real samples in client c's step s; 0 = no step
+    chain = _fast_chain(model, method, trainable, global_state, x_all)
+    if chain is not None:  # Linear/ReLU chains: backpropagation written out (batched_mlp)
+        with torch.no_grad():
+            weights, biases, loss_sum = sgd_steps(
+                chain,
+                [global_state[f"{name}.weight"].detach() for name in chain.layers],
+                [_get(global_state, f"{name}.bias") for name in chain.layers],
+                x_all, y_all, rows, mask, counts, lr,
+            )  # fmt: skip
+        params = {f"{name}.weight": w for name, w in zip(chain.layers, weights, strict=True)}
+        params |= {
+            f"{n}.bias": b for n, b in zip(chain.layers, biases, strict=True) if b is not None
+        }
+    else:
+        # params[k][c] is client c's copy of parameter k; all start from the global model.
+        params = {
+            k: global_state[k].detach().expand(num_clients, *global_state[k].shape).clone()
+            for k in trainable
+        }
+        params, loss_sum = _vmap_steps(
+            model, params, constants, global_state, x_all, y_all, rows, mask, counts, lr
+        )
+
+    total = counts.sum(dim=1).clamp(min=1).double()
+    mean_losses = (loss_sum / total).tolist()
+    # Client c's parameters are slice c of each stacked tensor: views, after at most one copy of
+    # each (contiguous() undoes the gradient layout _relayout chose; a no-op when it chose none).
+    per_client = {k: w.contiguous().unbind(0) for k, w in params.items()}
+    states = []
+    for c in range(num_clients):
+        state = {}
+        for k, v in global_state.items():
+            name = canonical.get(k, k)
+            state[k] = per_client[name][c] if name in per_client else v.detach().clone()
+        states.append(state)
+    return states, mean_losses
+
+
+def _get(state: Mapping[str, Tensor], key: str) -> Tensor | None:
+    return state[key].detach() if key in state else None
+
+
+def _fast_chain(
+    model: nn.Module,
+    method: str,
+    trainable: list[str],
+    global_state: Mapping[str, Tensor],
+    x_all: Tensor,
+) -> LinearReLUChain | None:
+    """The model as a Linear/ReLU chain that :func:`~labsupport.fl.batched_mlp.sgd_steps` can train
+    exactly as the ``vmap`` path would, or None (``method="auto"``) -- ValueError with the reason
+    when ``method="linear_relu"`` asked for it."""
+    if method == "vmap":
+        return None
+    chain, why = linear_relu_chain(model), ""
+    if chain is None:
+        why = "its forward pass is not a chain of nn.Linear and ReLU layers (traced with torch.fx)"
+    else:
+        layers = [model.get_submodule(name) for name in chain.layers]
+        names = {
+            f"{n}.{p}"
+            for n, layer in zip(chain.layers, layers, strict=True)
+            for p, _ in layer.named_parameters()
+        }
+        first = global_state[f"{chain.layers[0]}.weight"]
+        width = (
+            x_all.flatten(1).shape[1]
+            if chain.flatten
+            else (x_all.shape[1] if x_all.dim() == 2 else None)
+        )
+        if set(trainable) != names:
+            why = f"it trains {sorted(trainable)}, not exactly the chain's weights and biases {sorted(names)}"
+        elif any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+            why = "it has forward hooks, which the written-out pass would not call"
+        elif x_all.dtype != first.dtype or width != first.shape[1]:
+            why = f"its inputs {tuple(x_all.shape[1:])} ({x_all.dtype}) do not fit the first layer {tuple(first.shape)} ({first.dtype}) without reshaping"
+    if why and method == "linear_relu":
+        raise ValueError(
+            f"method='linear_relu' cannot train this model: {why}; use method='auto' or 'vmap'"
+        )
+    return None if why else chain
+
+
+def _vmap_steps(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    constants: dict[str, Tensor],
+    global_state: Mapping[str, Tensor],
+    x_all: Tensor,
+    y_all: Tensor,
+    rows: Tensor,
+    mask: Tensor,
+    counts: Tensor,
+    lr: float,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The general path: every step of every client with ``vmap`` over the forward pass and one
+    autograd backward. Returns the trained stacked parameters (possibly re-laid out, see
+    :func:`_relayout`) and each client's summed loss (float64)."""
     active = counts > 0
+    device = x_all.device
 
     def client_logits(w: dict[str, Tensor], xb: Tensor) -> Tensor:
         """One client's model on its batch: ``f(w_c; x[c, s])``."""
@@ -245,7 +354,7 @@ def vectorized_local_updates(
     # Steps where every client trains need no per-client mask on the update (below).
     everyone = active.all(dim=0).tolist()
 
-    loss_sum = torch.zeros(num_clients, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros(rows.shape[0], dtype=torch.float64, device=device)
     was_training = model.training
     model.train()  # as train() does; without BatchNorm/dropout it changes nothing in the forward
     weights = list(params.values())
@@ -281,20 +390,7 @@ def vectorized_local_updates(
         model.train(was_training)
         for w in weights:
             w.requires_grad_(False)
-
-    total = counts.sum(dim=1).clamp(min=1).double()
-    mean_losses = (loss_sum / total).tolist()
-    # Client c's parameters are slice c of each stacked tensor: views, after at most one copy of
-    # each (contiguous() undoes the gradient layout _relayout chose; a no-op when it chose none).
-    per_client = {k: w.contiguous().unbind(0) for k, w in params.items()}
-    states = []
-    for c in range(num_clients):
-        state = {}
-        for k, v in global_state.items():
-            name = canonical.get(k, k)
-            state[k] = per_client[name][c] if name in per_client else v.detach().clone()
-        states.append(state)
-    return states, mean_losses
+    return params, loss_sum
 
 
 def _relayout(w: Tensor, g: Tensor, start: Tensor) -> Tensor:

@@ -5,60 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from vectorized_testlib import ATOL, assert_same_updates, make_data
 
-from labsupport.fl.clients import DataClient, FitReply, TrainConfig, local_update
+from labsupport.fl.clients import DataClient, FitReply
 from labsupport.fl.server import FedAvgConfig, FedAvgSimulation
 from labsupport.fl.state import clone_state
 from labsupport.fl.vectorized import batch_plan, vectorized_local_updates
 from labsupport.models import build_model
 from labsupport.train import batch_indices
-
-ATOL = 1e-5
-
-
-def make_data(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Synthetic clients: ``n`` samples of shape (40,) with labels in 10 classes each."""
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(n, 40, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes
-    ]
-
-
-def sequential(model, global_state, data, *, epochs, batch_size, lr, seeds):
-    """The reference: one ``local_update`` per client, in a loop."""
-    states, losses = [], []
-    for (x, y), seed in zip(data, seeds, strict=True):
-        config = TrainConfig(local_epochs=epochs, batch_size=batch_size, lr=lr, optimizer="sgd")
-        state, result = local_update(model, global_state, x, y, config, seed=seed)
-        states.append(state)
-        losses.append(result.loss)
-    return states, losses
-
-
-def assert_same_updates(
-    model: nn.Module, data, *, epochs: int, batch_size: int | None, lr: float = 0.1
-) -> None:
-    global_state = clone_state(model.state_dict())
-    seeds = [100 + 7 * i for i in range(len(data))]
-    got_states, got_losses = vectorized_local_updates(
-        model, global_state, data, epochs=epochs, batch_size=batch_size, lr=lr, seeds=seeds
-    )
-    want_states, want_losses = sequential(
-        model, global_state, data, epochs=epochs, batch_size=batch_size, lr=lr, seeds=seeds
-    )
-    assert len(got_states) == len(want_states) == len(data)
-    for c, (got, want) in enumerate(zip(got_states, want_states, strict=True)):
-        assert got.keys() == want.keys()
-        for key in want:
-            assert got[key].shape == want[key].shape and got[key].dtype == want[key].dtype
-            torch.testing.assert_close(
-                got[key], want[key], atol=ATOL, rtol=0, msg=f"client {c} {key}"
-            )
-        assert any(not torch.equal(got[k], global_state[k]) for k in got), (
-            f"client {c} did not train"
-        )
-    assert got_losses == pytest.approx(want_losses, abs=ATOL)
-
 
 CASES = {
     "equal_sizes": dict(sizes=[20, 20, 20, 20], epochs=1, batch_size=5),
@@ -70,12 +24,20 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("name", ["mlp", "cnn", "logistic"])
-def test_vectorized_matches_sequential_local_update(name: str, case: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [("mlp", "vmap"), ("mlp", "linear_relu"), ("logistic", "vmap"), ("logistic", "linear_relu"),
+     ("cnn", "vmap"), ("cnn", "auto")],
+)  # fmt: skip
+def test_vectorized_matches_sequential_local_update(name: str, method: str, case: str) -> None:
     spec = CASES[case]
     model = build_model(name, seed=0)
     assert_same_updates(
-        model, make_data(spec["sizes"]), epochs=spec["epochs"], batch_size=spec["batch_size"]
+        model,
+        make_data(spec["sizes"]),
+        epochs=spec["epochs"],
+        batch_size=spec["batch_size"],
+        method=method,
     )
 
 
