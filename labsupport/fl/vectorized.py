@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
@@ -238,7 +239,7 @@ def vectorized_local_updates(
     rows = (index + offset[:, None, None]).to(device)  # (C, S, b_max) rows of x_all
     mask = mask.to(device)
     counts = mask.sum(dim=2)  # (C, S): real samples in client c's step s; 0 = no step
-    chain = _fast_chain(model, method, trainable, global_state, x_all)
+    chain = _fast_chain(model, method, trainable, global_state, x_all, y_all)
     if chain is not None:  # Linear/ReLU chains: backpropagation written out (batched_mlp)
         with torch.no_grad():
             weights, biases, loss_sum = sgd_steps(
@@ -286,6 +287,7 @@ def _fast_chain(
     trainable: list[str],
     global_state: Mapping[str, Tensor],
     x_all: Tensor,
+    y_all: Tensor,
 ) -> LinearReLUChain | None:
     """The model as a Linear/ReLU chain that :func:`~labsupport.fl.batched_mlp.sgd_steps` can train
     exactly as the ``vmap`` path would, or None (``method="auto"``) -- ValueError with the reason
@@ -310,8 +312,14 @@ def _fast_chain(
         )
         if set(trainable) != names:
             why = f"it trains {sorted(trainable)}, not exactly the chain's weights and biases {sorted(names)}"
-        elif any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        elif (
+            any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+            or _module._global_forward_hooks
+            or _module._global_forward_pre_hooks
+        ):
             why = "it has forward hooks, which the written-out pass would not call"
+        elif y_all.dtype != torch.long:  # cross_entropy's own check (Long or Byte) stays in charge
+            why = f"its labels are {y_all.dtype}, not int64 class indices"
         elif x_all.dtype != first.dtype or width != first.shape[1]:
             why = f"its inputs {tuple(x_all.shape[1:])} ({x_all.dtype}) do not fit the first layer {tuple(first.shape)} ({first.dtype}) without reshaping"
     if why and method == "linear_relu":

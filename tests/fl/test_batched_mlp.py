@@ -166,3 +166,27 @@ def test_both_paths_give_the_same_models_for_a_hundred_clients_of_unequal_sizes(
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
             assert a[k].is_contiguous()
     assert fast_loss == pytest.approx(slow_loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_labels_other_than_int64_get_exactly_what_the_sequential_run_gives(dtype):
+    """int32 labels: cross_entropy refuses them, so both the loop and vectorized mode must; uint8
+    ones it accepts, and both must train the same."""
+    model = build_model("mlp", seed=0)
+    data = [(x, y.to(dtype)) for x, y in make_data([7, 12])]
+    if dtype == torch.int32:
+        with pytest.raises(RuntimeError, match="Long or Byte"):
+            assert_same_updates(model, data, epochs=1, batch_size=5)
+    else:
+        assert_same_updates(model, data, epochs=1, batch_size=5)
+    with pytest.raises(ValueError, match="not int64 class indices"):
+        assert_same_updates(model, data, epochs=1, batch_size=5, method="linear_relu")
+
+
+def test_a_global_forward_hook_is_honoured_by_falling_back_to_vmap():
+    model = nn.Sequential(nn.Linear(40, 16), nn.ReLU(), nn.Linear(16, 10))
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, out: out * 2.0)
+    try:
+        assert_same_updates(model, make_data([7, 12]), epochs=1, batch_size=5)
+    finally:
+        handle.remove()
