@@ -20,8 +20,10 @@ samples left at a step (``n_c = 0``) steps by zero.
 Why. It is the same arithmetic as the ``vmap`` path, minus what autograd adds around it: a gradient
 tensor per parameter written out and read back for the update (here the weight gradient goes
 straight into the weight, ``baddbmm_(..., alpha=-lr)``), its graph bookkeeping, and a softmax
-kernel that is slow on 10 classes. ``python -m labsupport.bench vectorized_clients`` measures both
-ways. Anything else -- another activation, a residual, a convolution, frozen or tied weights --
+kernel that is slow on 10 classes. And every client starts from the same global weights, so the
+first step's products run as single matrix products over all ``C x b`` samples, and its update is
+what writes each client's own copy of the weights. ``python -m labsupport.bench vectorized_clients``
+measures both ways. Anything else -- another activation, a residual, a convolution, frozen or tied weights --
 takes the general ``vmap`` path: :func:`linear_relu_chain` recognises the model from its traced
 graph (``torch.fx``), never from its class.
 """
