@@ -144,7 +144,7 @@ def _fedavg_accuracy(
 
 @benchmark(
     "vectorized_clients",
-    "100 MNIST-1D MLP clients' local epoch: a loop of local_update vs one torch.func/vmap call",
+    "100 MNIST-1D MLP clients' local epoch: a loop of local_update vs one batched call",
     chapter="01",
 )
 def run(smoke: bool) -> Result:
