@@ -176,6 +176,7 @@ def sgd_steps(
     client's own copy (``W - lr * g^T h``) without copying the global weights ``C`` times first.
     """
     num_clients, num_steps, width = rows.shape
+    weights, biases = list(weights), list(biases)  # the first step replaces them: not the caller's
     if chain.flatten:
         x = x.flatten(1)
     dtype = weights[0].dtype
