@@ -8,7 +8,8 @@ HTTP. The modules, in the order the chapter uses them:
   (PyTorch or ONNX Runtime), split inference.
 * :mod:`~labsupport.hybrid.calibration` -- temperature scaling, ECE, reliability diagrams.
 * :mod:`~labsupport.hybrid.routing` -- confidence scores, vectorized routing, thresholds from a
-  validation target.
+  validation target; :mod:`~labsupport.hybrid.route_kernel`, the device's offload decision as one
+  compiled loop (numba, imported on first use).
 * :mod:`~labsupport.hybrid.service` -- the FastAPI cloud service with validation and micro-batching.
 * :mod:`~labsupport.hybrid.replicas` -- replicas as real processes on loopback, stopped by group.
 * :mod:`~labsupport.hybrid.balancer` -- round-robin, least-outstanding, power-of-two choices,
@@ -17,7 +18,7 @@ HTTP. The modules, in the order the chapter uses them:
 * :mod:`~labsupport.hybrid.cache` -- LRU vs the naive count-based cache, prefetching.
 * :mod:`~labsupport.hybrid.loadgen` -- a bounded closed-loop load generator on 127.0.0.1.
 
-The web stack (FastAPI, uvicorn, httpx) is imported only by the modules that need it.
+The web stack (FastAPI, uvicorn, httpx) and numba are imported only by the modules that need them.
 """
 
 from .cache import LRUCache, MarkovPrefetcher, NaiveCountCache, input_key, simulate_cache

@@ -5,8 +5,8 @@ sections 3-7). Each function runs one experiment and returns its numbers as data
   for "hybrid within ``gap`` of cloud accuracy" chosen on validation, and test accuracy/offload.
 * :func:`routing_overhead` -- (calibration + score + decision time) / edge inference time (the INT8
   student on ONNX Runtime, with the argmax every edge answer needs) at batch sizes 1, 64 and 256,
-  medians of interleaved repeats; the folded :class:`FastRouter` beside the textbook
-  softmax-then-max in torch.
+  medians; the compiled :class:`FastRouter` beside its numpy :meth:`~FastRouter.decide` and the
+  textbook softmax-then-max in torch, each in its own edge-then-route loop, the loops alternated.
 * :func:`edge_ladder` -- chapter 04's students of several widths as edge models: INT8 accuracy,
   the gap to the cloud, and what routing must offload to close it.
 * :func:`latency_by_mode` -- per-input latency percentiles for edge only, cloud only and hybrid,
@@ -134,51 +134,58 @@ def routing_overhead(
 ) -> dict:
     """Routing time against edge inference time on the same batches, medians of ``repeats``.
 
-    Per batch size, interleaved in every repeat (machine load hits all alike): *edge* = the device's
-    model on the batch plus the argmax (what an edge-only system runs); *routing* = the folded
-    :class:`FastRouter` on those logits and answers (score + calibration + decision); *torch
-    routing* = the same decision written as ``route(max_softmax(softmax(z / T)), t)`` in torch.
-    Returns one row per batch size and, for ``batch``, ``edge_ms``, ``routing_ms`` and ``ratio``
-    (routing ÷ edge: batch-amortized, the per-input ratio is the same).
+    Three routers make the same decision: *routing* = the compiled :class:`FastRouter` (score +
+    calibration + decision, the mask only); *numpy routing* = :meth:`FastRouter.decide`, which also
+    returns every row's confidence; *torch routing* = the textbook ``route(max_softmax(softmax(z /
+    T)), t)``. Each is timed in the loop a device runs: *edge* (the device's model on the batch plus
+    the argmax every edge answer needs), then the router, again and again. The loops take turns in
+    blocks of 20 (the first two of each block dropped), so machine load hits all three alike, while
+    no router runs right after another's cache traffic. Returns one row per batch size, each router's
+    time with its ratio to the edge time of its own blocks, and, for ``batch``, ``edge_ms``,
+    ``routing_ms`` and ``ratio`` (routing ÷ edge: batch-amortized, the per-input ratio is the same).
     """
     if batch not in batches:
         batches = (*batches, batch)
     logits_of = _edge_logits(pair.edge)
     router = FastRouter(temperature, threshold)
 
-    def textbook(z: np.ndarray) -> torch.Tensor:
+    def textbook(z: np.ndarray, pred: np.ndarray) -> torch.Tensor:
         return route(max_softmax(apply_temperature(torch.from_numpy(z), temperature)), threshold)
 
+    routers: dict[str, Callable] = {
+        "routing": lambda z, pred: router(z),
+        "numpy_routing": router.decide,
+        "torch_routing": textbook,
+    }
+    names = list(routers)
+    block, skip = 20, 2
     rows = []
     for b in batches:
         x = np.ascontiguousarray(pair.x_test[:b].numpy(), dtype=np.float32)
         if len(x) < b:  # a test split smaller than the batch: tile it
             x = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))
-        times: dict[str, list[float]] = {"edge": [], "routing": [], "torch": []}
-        for i in range(repeats + 20):  # the first 20 are warm-up
-            t0 = time.perf_counter()
-            z = logits_of(x)
-            pred = z.argmax(axis=1)
-            t1 = time.perf_counter()
-            router(z, pred)
-            t2 = time.perf_counter()
-            textbook(z)
-            t3 = time.perf_counter()
-            if i >= 20:
-                times["edge"].append(t1 - t0)
-                times["routing"].append(t2 - t1)
-                times["torch"].append(t3 - t2)
-        e, r, t = (statistics.median(times[k]) for k in ("edge", "routing", "torch"))
-        rows.append(
-            {
-                "batch": b,
-                "edge_us": e * 1e6,
-                "routing_us": r * 1e6,
-                "torch_routing_us": t * 1e6,
-                "ratio": r / e,
-                "torch_ratio": t / e,
-            }
-        )
+        router(logits_of(x))  # the first call loads the compiled kernel
+        edge_t: dict[str, list[float]] = {k: [] for k in names}
+        route_t: dict[str, list[float]] = {k: [] for k in names}
+        for blk in range(max(1, repeats // block) + 1):  # block 0 is warm-up
+            for name in names[blk % 3 :] + names[: blk % 3]:  # each router goes first in turn
+                fn = routers[name]
+                for i in range(block + skip):
+                    t0 = time.perf_counter()
+                    z = logits_of(x)
+                    pred = z.argmax(axis=1)
+                    t1 = time.perf_counter()
+                    fn(z, pred)
+                    t2 = time.perf_counter()
+                    if blk > 0 and i >= skip:
+                        edge_t[name].append(t1 - t0)
+                        route_t[name].append(t2 - t1)
+        row: dict = {"batch": b, "edge_us": statistics.median(edge_t["routing"]) * 1e6}
+        for name in names:
+            r, e = statistics.median(route_t[name]), statistics.median(edge_t[name])
+            row[f"{name}_us"] = r * 1e6
+            row[name.replace("routing", "ratio")] = r / e
+        rows.append(row)
     head = next(r for r in rows if r["batch"] == batch)
     return {
         "edge_ms": head["edge_us"] / 1e3,

@@ -9,12 +9,14 @@ Devices", ICDCS 2017; Kang et al., "Neurosurgeon", ASPLOS 2017 for the split var
   :func:`margin` (top-1 minus top-2), and :func:`neg_entropy` ``sum_c p_c log p_c`` (higher is more
   confident), all over a batch at once; :data:`SCORES` names them.
 * :func:`route` -- the decision, vectorized: a boolean mask ``offload = confidence < threshold`` (ties
-  stay on the edge). :class:`FastRouter` is the same decision for the calibrated max-softmax score on
-  the device's hot path, straight from the logits: ``max_c softmax(z/T)_c < t`` is
-  ``sum_c exp((z_c - z_pred) / T) > 1/t``, where ``z_pred`` is the logit of the edge's own answer
-  (the argmax it computes anyway), calibration is one multiply by ``1/T``, and the row sum is a
-  matrix-vector product -- five numpy calls, no probabilities built (numpy's row-wise ``max`` and
-  ``sum`` over 10 columns cost more than all of this). :func:`offload_mask` wraps it for tensors.
+  stay on the edge; a NaN confidence is offloaded). :class:`FastRouter` is the same decision for the
+  calibrated max-softmax score on the device's hot path, straight from the logits: ``max_c
+  softmax(z/T)_c < t`` is ``sum_c exp((z_c - z_max) / T) > 1/t``. Calling it runs
+  :func:`labsupport.hybrid.route_kernel.offload_rows`, one compiled (numba) loop that decides most
+  rows from the gap between their top two logits, with no ``exp`` (the ``hybrid`` benchmark times
+  it beside the numpy version and the textbook route, against the edge model).
+  :meth:`FastRouter.decide` also returns the confidence, with numpy (``1/T`` folded into one
+  multiply, the row sum a matrix-vector product). :func:`offload_mask` wraps it for tensors.
   :func:`hybrid_predictions` merges the two answers with the mask.
 * :func:`tradeoff_curve` -- hybrid accuracy against the fraction offloaded for every threshold at once
   (sort by confidence, cumulative sums), and :func:`choose_threshold` picks a threshold from a target
@@ -95,17 +97,20 @@ def route(confidence, threshold: float) -> torch.Tensor:
         raise ValueError(f"confidence must be a 1-D batch of scores, got shape {tuple(c.shape)}")
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
-    return c < threshold
+    return ~(c >= threshold)
 
 
 class FastRouter:
     """The calibrated max-softmax offload decision, folded for the device's hot path.
 
-    ``FastRouter(T, t)(logits, pred)`` is ``max_softmax(softmax(logits / T)) < t`` for ``(N, C)``
-    float32 numpy logits and the edge's answers ``pred = logits.argmax(1)``: ``1/T`` and ``1/t`` are
-    folded once here, and per batch ``z_pred`` is gathered, ``exp((z - z_pred) / T)`` summed by a
-    matrix-vector product and compared with ``1/t``. Subtracting ``z_pred`` (the row maximum)
-    keeps ``exp`` from overflowing. :meth:`confidence` gives the calibrated max softmax itself.
+    ``FastRouter(T, t)(logits)`` is ``max_softmax(softmax(logits / T)) < t`` for ``(N, C)`` numpy
+    logits, in one call of the compiled :func:`~labsupport.hybrid.route_kernel.offload_rows` (its
+    docstring gives the bounds that let it skip ``exp`` for most rows). A row with a NaN logit, or an
+    infinite largest one, is offloaded. :meth:`confidence` and :meth:`decide` also return the
+    calibrated max softmax itself: ``1/T`` and ``1/t`` are folded once here, and per batch ``z_pred``
+    (the logit of the edge's answer ``pred = logits.argmax(1)``) is gathered, ``exp((z - z_pred) /
+    T)`` summed by a matrix-vector product and compared with ``1/t``; subtracting ``z_pred`` (the
+    row maximum) keeps ``exp`` from overflowing.
     """
 
     def __init__(self, temperature: float, threshold: float) -> None:
@@ -116,7 +121,9 @@ class FastRouter:
         self.temperature, self.threshold = float(temperature), float(threshold)
         self._inv_t = np.float32(1.0 / temperature)
         self._bound = np.float32(1.0 / threshold)
+        self._inv_t64, self._bound64 = 1.0 / self.temperature, 1.0 / self.threshold
         self._shape = (-1, -1)
+        self._run: Callable | None = None
 
     def _sums(self, logits: np.ndarray, pred: np.ndarray) -> np.ndarray:
         if logits.shape != self._shape:  # per batch shape, once: row offsets and a ones vector
@@ -128,18 +135,33 @@ class FastRouter:
         np.exp(e, out=e)
         return e @ self._ones
 
-    def __call__(self, logits: np.ndarray, pred: np.ndarray) -> np.ndarray:
-        """Boolean offload mask ``(N,)`` (a confidence equal to the threshold stays on the edge)."""
-        return self._sums(logits, pred) > self._bound
+    def __call__(self, logits: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
+        """Boolean offload mask ``(N,)`` (a confidence equal to the threshold stays on the edge).
+
+        ``pred`` is accepted for symmetry with :meth:`decide` and not needed: the kernel finds each
+        row's largest logits itself."""
+        if not isinstance(logits, np.ndarray) or logits.ndim != 2:
+            raise ValueError(f"logits must be an (N, C) numpy array, got {_shape_of(logits)}")
+        run = self._run
+        if run is None:  # numba's import and the kernel's load cost about a second, once
+            from .route_kernel import offload_rows as run
+
+            self._run = run
+        return run(logits, self._inv_t64, self._bound64)
 
     def confidence(self, logits: np.ndarray, pred: np.ndarray) -> np.ndarray:
         """The calibrated max softmax ``(N,)``: ``1 / sum_c exp((z_c - z_pred) / T)``."""
         return 1.0 / self._sums(logits, pred)
 
     def decide(self, logits: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(confidence, offload mask)`` from one pass."""
+        """``(confidence, offload mask)`` from one numpy pass (a NaN confidence is offloaded)."""
         sums = self._sums(logits, pred)
-        return 1.0 / sums, sums > self._bound
+        return 1.0 / sums, ~(sums <= self._bound)
+
+
+def _shape_of(x) -> str:
+    shape = getattr(x, "shape", None)
+    return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
 
 
 def offload_mask(logits, temperature: float, threshold: float) -> torch.Tensor:
