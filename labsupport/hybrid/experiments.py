@@ -168,7 +168,9 @@ def routing_overhead(
         edge_t: dict[str, list[float]] = {k: [] for k in names}
         route_t: dict[str, list[float]] = {k: [] for k in names}
         for blk in range(max(1, repeats // block) + 1):  # block 0 is warm-up
-            for name in names[blk % 3 :] + names[: blk % 3]:  # each router goes first in turn
+            for name in (
+                names[blk % len(names) :] + names[: blk % len(names)]
+            ):  # each router goes first in turn
                 fn = routers[name]
                 for i in range(block + skip):
                     t0 = time.perf_counter()

@@ -17,7 +17,8 @@ rows with two bounds on ``s - 1``. Sort a row's logits ``z_1 >= z_2 >= z_3 >= ..
 
 The loop makes two passes. The first finds every row's top two logits with a min/max network (no
 branches, so the CPU never mispredicts one) and applies test 1; the second visits only the rows
-test 1 left open (about a sixth of them for chapter 05's edge model).
+test 1 left open. :func:`decided_by_gap` says which rows test 1 settles (notebook 05 prints the
+share).
 
 Each test keeps a relative margin of ``1e-9``, so a row near the threshold always takes the exact
 sum: the decision is the float64 formula's, and a tie (``p_max == t``) stays on the edge. A row with
@@ -33,9 +34,34 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["offload_rows"]
+__all__ = ["decided_by_gap", "gap_bounds", "offload_rows"]
 
 _MARGIN = 1e-9
+
+
+@numba.njit(cache=True)
+def gap_bounds(c: int, bound: float) -> tuple[float, float]:
+    """Test 1's thresholds ``(lo, hi)`` on ``d_2`` for ``c`` classes and ``bound = 1/t``: the row
+    stays on the edge when ``d_2 <= lo`` and goes to the cloud when ``d_2 > hi``, margins included.
+    ``(nan, nan)`` when test 1 cannot decide anything (one class, or ``t >= 1``)."""
+    excess = bound - 1.0
+    if c > 1 and excess > 0.0:
+        return math.log(excess / (c - 1)) - _MARGIN, math.log(excess) + _MARGIN
+    return np.nan, np.nan
+
+
+def decided_by_gap(z: np.ndarray, temperature: float, threshold: float) -> np.ndarray:
+    """Which rows of ``z`` (``(N, C)`` logits) test 1 settles from their top-2 gap alone, in numpy,
+    for reading (the kernel does the same inside its first pass)."""
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"logits must be (N, C), got shape {z.shape}")
+    if z.shape[1] < 2:
+        return np.zeros(len(z), dtype=bool)
+    top2 = np.sort(z, axis=1)[:, -2:]
+    d2 = (top2[:, 0] - top2[:, 1]) / temperature
+    lo, hi = gap_bounds(z.shape[1], 1.0 / threshold)
+    return (d2 <= lo) | (d2 > hi)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -45,10 +71,7 @@ def offload_rows(z: np.ndarray, inv_t: float, bound: float) -> np.ndarray:
     n, c = z.shape
     out = np.empty(n, np.bool_)
     excess = bound - 1.0
-    lo = hi = np.nan  # NaN bounds leave every row open (C == 1, or t >= 1)
-    if c > 1 and excess > 0.0:
-        lo = math.log(excess / (c - 1)) - _MARGIN
-        hi = math.log(excess) + _MARGIN
+    lo, hi = gap_bounds(c, bound)  # NaN bounds leave every row open
     above, below = excess + abs(excess) * _MARGIN, excess - abs(excess) * _MARGIN
     open_rows = np.empty(n, np.int64)
     k = 0
@@ -67,7 +90,7 @@ def offload_rows(z: np.ndarray, inv_t: float, bound: float) -> np.ndarray:
         out[i] = bad | (d2 > hi)
         open_rows[k] = i
         k += (not bad) & (not d2 <= lo) & (not d2 > hi)
-    # Pass 2, the open rows only (a sixth of them, say): the top three, test 2, then the exact sum.
+    # Pass 2, the open rows only: the top three, test 2, then the exact sum.
     for r in range(k):
         i = open_rows[r]
         z1 = z2 = z3 = -np.inf

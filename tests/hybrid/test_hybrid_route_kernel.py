@@ -130,3 +130,25 @@ def test_the_kernel_and_the_numpy_path_agree_on_a_large_batch():
     np.testing.assert_array_equal(offload_rows(z, 1 / 2.2, 1 / 0.8), mask)
     np.testing.assert_array_equal(router(z), mask)
     assert 0.05 < mask.mean() < 0.95  # both sides of the threshold are exercised
+
+
+def test_rows_decided_by_the_gap_alone_are_decided_right():
+    from labsupport.hybrid.route_kernel import decided_by_gap, gap_bounds
+
+    z = (np.random.default_rng(11).normal(size=(3000, 10)) * 3).astype(np.float32)
+    t, thr = 1.8, 0.7
+    settled = decided_by_gap(z, t, thr)
+    assert 0.3 < settled.mean() < 1.0  # test 1 settles many rows, not all
+    top2 = np.sort(z.astype(np.float64), axis=1)[:, -2:]
+    d2 = (top2[:, 0] - top2[:, 1]) / t
+    _, hi = gap_bounds(10, 1 / thr)
+    # a settled row goes to the cloud exactly when its gap is above hi, as the softmax says
+    np.testing.assert_array_equal((d2 > hi)[settled], reference(z, t, thr)[settled])
+    # and the settled rows are those whose tail bounds (C-1) e^d2 and e^d2 already fall on one side
+    e = 1 / thr - 1
+    provable = (9 * np.exp(d2) <= e) | (np.exp(d2) > e)
+    np.testing.assert_array_equal(settled, provable)
+    assert not decided_by_gap(np.zeros((4, 1)), 1.0, 0.5).any()
+    assert not decided_by_gap(z, t, 1.0).any()  # t >= 1: the gap settles nothing
+    with pytest.raises(ValueError, match=r"\(N, C\)"):
+        decided_by_gap(np.zeros(5), 1.0, 0.5)
